@@ -1,0 +1,85 @@
+"""The ``torch`` backend: delegates to ATen's own kernels. It is the baseline the others must beat.
+
+Same contract as :mod:`layernorm.backends.reference`. LayerNorm uses ``aten::native_layer_norm`` and
+its backward; RMSNorm uses ``aten::_fused_rms_norm`` where this torch has it, else the composite
+formula (which is what ``torch.nn.functional.rms_norm`` runs on CPU).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["forward", "backward"]
+
+_HAS_FUSED_RMS = hasattr(torch.ops.aten, "_fused_rms_norm") and hasattr(
+    torch.ops.aten, "_fused_rms_norm_backward"
+)
+
+
+def _fused_rms(t: Tensor) -> bool:
+    # aten::_fused_rms_norm_backward has CUDA kernels only; CPU runs the composite formula.
+    return _HAS_FUSED_RMS and t.device.type == "cuda"
+
+
+def _common_dtype(x: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
+    # ATen's CPU kernels want weight in the input's dtype unless the pair is (low precision, fp32).
+    if weight is None or weight.dtype == x.dtype:
+        return weight
+    if x.device.type == "cpu" and weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16):
+        return weight
+    return weight.to(x.dtype)
+
+
+def forward(x, residual, weight, bias, eps, rms):
+    acc = reference.stat_dtype(x.dtype)
+    z = None
+    h = x
+    if residual is not None:
+        z = torch.add(x, residual)
+        h = z
+    N = h.shape[-1]
+    if rms:
+        if _fused_rms(h):
+            y, rstd = torch.ops.aten._fused_rms_norm(h, [N], _common_dtype(h, weight), eps)
+            return y, z, None, rstd.reshape(-1).to(acc)
+        y, _, _, rstd = reference.forward(h, None, weight, None, eps, True)
+        return y, z, None, rstd
+    y, mean, rstd = torch.ops.aten.native_layer_norm(
+        h, [N], _common_dtype(h, weight), _common_dtype(h, bias), eps
+    )
+    return y, z, mean.reshape(-1).to(acc), rstd.reshape(-1).to(acc)
+
+
+def backward(dy, dz, z, weight, bias, mean, rstd, rms):
+    N = z.shape[-1]
+    if rms:
+        if _fused_rms(z):
+            w = _common_dtype(z, weight)
+            dx, dweight = torch.ops.aten._fused_rms_norm_backward(
+                dy, z, [N], rstd.reshape(-1, 1), w, [True, w is not None]
+            )
+            dbias = None
+        else:
+            dx, dweight, dbias = reference.backward(dy, None, z, weight, bias, None, rstd, True)
+    else:
+        w = _common_dtype(z, weight)
+        b = _common_dtype(z, bias)
+        mask = [True, w is not None, b is not None]
+        # ATen wants the statistics back in the dtype its forward returned: float32 on CUDA and for
+        # mixed (low precision, fp32 weight) input on CPU, the input's dtype otherwise.
+        mixed = w is not None and w.dtype != z.dtype
+        stats_dtype = mean.dtype if (z.device.type == "cuda" or mixed) else z.dtype
+        dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
+            dy, z, [N], mean.reshape(-1, 1).to(stats_dtype), rstd.reshape(-1, 1).to(stats_dtype), w, b, mask,
+        )
+    if dz is not None:
+        dx = dx + dz
+    if weight is not None and dweight is not None:
+        dweight = dweight.to(weight.dtype)
+    if bias is not None and dbias is not None:
+        dbias = dbias.to(bias.dtype)
+    return dx, dweight if weight is not None else None, dbias if bias is not None else None
