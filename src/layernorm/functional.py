@@ -109,9 +109,10 @@ def _norm(input, residual, normalized_shape, weight, bias, eps, rms, backend):
     b = _check_param("bias", bias, input, shape)
     eps = _check_eps(eps)
     name = resolve_backend(backend, input.device, input.dtype)
-    x2d = input.contiguous().view(-1, N)  # the one reshape to (rows, cols)
-    r2d = residual.contiguous().view(-1, N) if residual is not None else None
-    if name == "reference":
+    M = math.prod(input.shape[: input.dim() - len(shape)])  # explicit: view(-1, 0) is ambiguous
+    x2d = input.contiguous().view(M, N)  # the one reshape to (rows, cols)
+    r2d = residual.contiguous().view(M, N) if residual is not None else None
+    if name == "reference" and x2d.numel() > 0:  # empty input: the custom op's no-launch path
         # The spec runs as plain PyTorch under autograd: differentiable to any order, and the
         # oracle against which the custom-op path (hand-written backward) is tested.
         y, z, _, _ = reference.forward(x2d, r2d, w, b, eps, rms)

@@ -5,9 +5,9 @@
 so ``torch.compile(fullgraph=True)`` traces through them, and ``norm_fwd`` has a registered autograd
 formula. Optional outputs are returned as empty tensors because custom ops cannot return None.
 
-Double backward (``create_graph=True``, e.g. gradgradcheck) differentiates the reference formulas
-with autograd, so every backend supports it at reference speed (the fused residual ops only with the
-reference backend, which :mod:`layernorm.functional` runs as plain autograd-traced PyTorch).
+Double backward (``create_graph=True``, e.g. gradgradcheck) evaluates the reference backward
+formulas on autograd-tracked tensors, so every backend supports it, fused residual ops included, at
+reference speed.
 """
 from __future__ import annotations
 

@@ -25,13 +25,22 @@ def _fused_rms(t: Tensor) -> bool:
     return _HAS_FUSED_RMS and t.device.type == "cuda"
 
 
-def _common_dtype(x: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
-    # ATen's CPU kernels want weight in the input's dtype unless the pair is (low precision, fp32).
-    if weight is None or weight.dtype == x.dtype:
-        return weight
-    if x.device.type == "cpu" and weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16):
-        return weight
-    return weight.to(x.dtype)
+def _param_dtype(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> torch.dtype:
+    # ATen's CPU kernels take float32 weight and bias with bf16/fp16 input ("mixed type") only when
+    # every given parameter is float32; then mean/rstd are float32 too. Otherwise all share x's dtype.
+    params = [p for p in (weight, bias) if p is not None]
+    if (
+        x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and params
+        and all(p.dtype == torch.float32 for p in params)
+    ):
+        return torch.float32
+    return x.dtype
+
+
+def _common_dtype(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None):
+    """(weight, bias) in the dtype ATen's kernels accept together with x."""
+    dtype = _param_dtype(x, weight, bias)
+    return tuple(None if p is None else p.to(dtype) for p in (weight, bias))
 
 
 def forward(x, residual, weight, bias, eps, rms):
@@ -44,13 +53,12 @@ def forward(x, residual, weight, bias, eps, rms):
     N = h.shape[-1]
     if rms:
         if _fused_rms(h):
-            y, rstd = torch.ops.aten._fused_rms_norm(h, [N], _common_dtype(h, weight), eps)
+            y, rstd = torch.ops.aten._fused_rms_norm(h, [N], _common_dtype(h, weight)[0], eps)
             return y, z, None, rstd.reshape(-1).to(acc)
         y, _, _, rstd = reference.forward(h, None, weight, None, eps, True)
         return y, z, None, rstd
-    y, mean, rstd = torch.ops.aten.native_layer_norm(
-        h, [N], _common_dtype(h, weight), _common_dtype(h, bias), eps
-    )
+    w, b = _common_dtype(h, weight, bias)
+    y, mean, rstd = torch.ops.aten.native_layer_norm(h, [N], w, b, eps)
     return y, z, mean.reshape(-1).to(acc), rstd.reshape(-1).to(acc)
 
 
@@ -58,7 +66,7 @@ def backward(dy, dz, z, weight, bias, mean, rstd, rms):
     N = z.shape[-1]
     if rms:
         if _fused_rms(z):
-            w = _common_dtype(z, weight)
+            w = _common_dtype(z, weight)[0]
             dx, dweight = torch.ops.aten._fused_rms_norm_backward(
                 dy, z, [N], rstd.reshape(-1, 1), w, [True, w is not None]
             )
@@ -66,15 +74,11 @@ def backward(dy, dz, z, weight, bias, mean, rstd, rms):
         else:
             dx, dweight, dbias = reference.backward(dy, None, z, weight, bias, None, rstd, True)
     else:
-        w = _common_dtype(z, weight)
-        b = _common_dtype(z, bias)
+        w, b = _common_dtype(z, weight, bias)
+        stat = _param_dtype(z, weight, bias)  # the dtype native_layer_norm returned mean/rstd in
         mask = [True, w is not None, b is not None]
-        # ATen wants the statistics back in the dtype its forward returned: float32 on CUDA and for
-        # mixed (low precision, fp32 weight) input on CPU, the input's dtype otherwise.
-        mixed = w is not None and w.dtype != z.dtype
-        stats_dtype = mean.dtype if (z.device.type == "cuda" or mixed) else z.dtype
         dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
-            dy, z, [N], mean.reshape(-1, 1).to(stats_dtype), rstd.reshape(-1, 1).to(stats_dtype), w, b, mask,
+            dy, z, [N], mean.reshape(-1, 1).to(stat), rstd.reshape(-1, 1).to(stat), w, b, mask,
         )
     if dz is not None:
         dx = dx + dz

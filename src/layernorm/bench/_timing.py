@@ -1,0 +1,118 @@
+"""Timers: median of repeats, CPU wall clock or CUDA events with the L2 cache flushed before each repeat.
+
+Method (recorded in every result file by :func:`timing_method`):
+
+- CPU: ``warmup`` calls, then ``reps`` calls each timed alone with :func:`time.perf_counter`; the
+  garbage collector is off while timing. ``reps`` is chosen so the repeats take about ``budget_s``
+  (between ``min_reps`` and ``max_reps``), from the time of the warm-up calls.
+- CUDA: the same loop, each call between two ``torch.cuda.Event`` s; before each call a buffer
+  twice the L2 size is zeroed so every call reads its inputs from HBM (what a model step sees).
+The reported time is the median; the minimum is kept too.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["TimerConfig", "Timing", "time_fn", "timing_method"]
+
+
+@dataclass
+class TimerConfig:
+    warmup: int = 2
+    min_reps: int = 5
+    max_reps: int = 50
+    budget_s: float = 0.4
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    reps: int
+
+
+_FLUSH: dict = {}
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _FLUSH:
+        props = torch.cuda.get_device_properties(device)
+        l2 = getattr(props, "L2_cache_size", 0) or 64 * 2**20
+        _FLUSH[key] = torch.empty(max(2 * l2, 128 * 2**20), dtype=torch.int8, device=device)
+    return _FLUSH[key]
+
+
+def _reps(per_call_s: float, cfg: TimerConfig) -> int:
+    if per_call_s <= 0:
+        return cfg.max_reps
+    return int(min(cfg.max_reps, max(cfg.min_reps, cfg.budget_s / per_call_s)))
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, cfg: Optional[TimerConfig] = None) -> Timing:
+    """Median time of ``fn()`` in milliseconds on ``device`` (see the module docstring for the method)."""
+    cfg = cfg or TimerConfig()
+    if device.type == "cuda":
+        return _time_cuda(fn, device, cfg)
+    return _time_cpu(fn, cfg)
+
+
+def _time_cpu(fn, cfg: TimerConfig) -> Timing:
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(max(1, cfg.warmup)):
+            fn()
+        per_call = (time.perf_counter() - t0) / max(1, cfg.warmup)
+        times = []
+        for _ in range(_reps(per_call, cfg)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing(statistics.median(times) * 1e3, min(times) * 1e3, len(times))
+
+
+def _time_cuda(fn, device: torch.device, cfg: TimerConfig) -> Timing:
+    flush = _l2_flush_buffer(device)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(max(1, cfg.warmup)):
+        fn()
+    torch.cuda.synchronize(device)
+    per_call = (time.perf_counter() - t0) / max(1, cfg.warmup)
+    n = _reps(per_call, cfg)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return Timing(statistics.median(times), min(times), n)
+
+
+def timing_method(device: torch.device, cfg: TimerConfig) -> dict:
+    if device.type == "cuda":
+        clock = "torch.cuda.Event pairs around each call; L2 flushed (zero_ of a 2xL2 buffer) before each call"
+    else:
+        clock = "time.perf_counter around each call; gc disabled while timing"
+    return {
+        "clock": clock,
+        "statistic": "median of reps (min also recorded)",
+        "warmup": cfg.warmup,
+        "reps": f"budget_s/time_per_call clamped to [{cfg.min_reps}, {cfg.max_reps}]",
+        "budget_s": cfg.budget_s,
+    }
