@@ -1,0 +1,608 @@
+"""Fast recurrences of the layer-normalized LSTM and GRU, with a hand-written backward through time.
+
+Same contract as :mod:`layernorm.nn.rnn_reference` (see its docstring): the module computes the
+time-parallel ``LN(W_ih x)`` for all steps and calls :func:`lstm_recurrence` / :func:`gru_recurrence`
+once per layer and direction. Here autograd sees ONE node per call, not a tape of ~20 ops per step.
+
+Two implementations of the same algorithm (forward saves per step only what the backward needs:
+the normalized recurrent pre-activation, the gates after their non-linearity, the cell state and the
+layer-norm statistics; ``h_{t-1}`` is read back from the output; ``dW_hh`` is one GEMM after the loop):
+
+``"cpp"``
+    The whole time loop in C++ (``_rnn_cpp/rnn.cpp``, built on first use with
+    ``torch.utils.cpp_extension`` and cached under ``$TORCH_EXTENSIONS_DIR`` or
+    ``~/.cache/torch_extensions``). The recurrent GEMM goes to ``at::mm_out`` (MKL on torch's own
+    OpenMP pool); the layer norms, gates and cell update are one fused pass per batch row. CPU,
+    float32/float64.
+``"torch"``
+    The same forward/backward written with torch ops per step in Python. Runs on any device
+    (CUDA included) and is the fallback when the extension cannot be built (no compiler).
+
+Choice: argument ``impl=`` or the environment variable ``LAYERNORM_RNN_IMPL`` (``auto``, ``cpp``,
+``torch``); ``auto`` takes ``cpp`` for CPU float32/float64 tensors when the extension builds,
+otherwise ``torch``. Design notes and measurements: ``docs/rnn_fast.md``.
+
+Example::
+
+    >>> T, B, H = 5, 3, 8
+    >>> xw = torch.randn(T, B, 4 * H)
+    >>> h0 = c0 = torch.zeros(B, H)
+    >>> w = torch.randn(4 * H, H) / H ** 0.5
+    >>> out, h_n, c_n = lstm_recurrence(xw, None, h0, c0, w, torch.ones(4 * H), None,
+    ...                                 torch.ones(H), torch.zeros(H), 1e-5, True)
+    >>> out.shape, h_n.shape
+    (torch.Size([5, 3, 8]), torch.Size([3, 8]))
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["lstm_recurrence", "gru_recurrence", "cpp_extension_available", "IMPLS"]
+
+IMPLS = ("auto", "cpp", "torch")
+_ENV = "LAYERNORM_RNN_IMPL"
+_SRC = Path(__file__).with_name("_rnn_cpp") / "rnn.cpp"
+
+_ext = None
+_ext_error: Optional[BaseException] = None
+_ext_lock = threading.Lock()
+
+
+def _arch_flags() -> Tuple[str, list]:
+    """(name suffix, gcc flags) for the CPU torch itself dispatches to, so the build never uses an
+    instruction set the machine lacks (the cached .so is keyed by this suffix)."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        cap = "DEFAULT"
+    if cap in ("AVX2", "AVX512"):
+        # 256-bit vectors: measured as fast as 512-bit here for H=256 rows, and no clock throttling
+        return "avx2", ["-mavx2", "-mfma"]
+    return "generic", []
+
+
+def _load_ext():
+    """Build (first time, ~1 min) or load the cached C++ extension; None if that fails."""
+    global _ext, _ext_error
+    if _ext is not None or _ext_error is not None:
+        return _ext
+    with _ext_lock:
+        if _ext is not None or _ext_error is not None:
+            return _ext
+        try:
+            from torch.utils import cpp_extension
+
+            suffix, arch = _arch_flags()
+            _ext = cpp_extension.load(
+                name=f"layernorm_rnn_{suffix}",
+                sources=[str(_SRC)],
+                extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *arch],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as exc:  # no compiler, no headers, ...: the torch path still works
+            _ext_error = exc
+            warnings.warn(
+                f"layernorm.nn.rnn_fast: could not build the C++ recurrence ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); using the slower "
+                f"torch-ops implementation. Set {_ENV}=torch to silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _ext
+
+
+def cpp_extension_available() -> bool:
+    """True when the C++ recurrence is built (builds it on first call)."""
+    return _load_ext() is not None
+
+
+def _pick_impl(impl: Optional[str], x: Tensor):
+    choice = impl if impl is not None else os.environ.get(_ENV, "auto")
+    if choice not in IMPLS:
+        raise ValueError(f"impl (or ${_ENV}) must be one of {IMPLS}, but got {choice!r}")
+    if choice == "torch":
+        return _TorchImpl
+    cpp_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if choice == "cpp":
+        if not cpp_ok:
+            raise ValueError(f"impl='cpp' needs CPU float32/float64 tensors, but got {x.dtype} on {x.device}")
+        ext = _load_ext()
+        if ext is None:
+            raise RuntimeError(f"impl='cpp' requested but the C++ extension failed to build: {_ext_error}")
+        return ext
+    if cpp_ok and os.environ.get(_ENV, "auto") != "torch":
+        ext = _load_ext()
+        if ext is not None:
+            return ext
+    return _TorchImpl
+
+
+# ------------------------------------------------------------------------------------------------
+# The torch-ops implementation (any device). Mirrors _rnn_cpp/rnn.cpp step by step.
+# ------------------------------------------------------------------------------------------------
+
+
+def _mask(lengths: Optional[Tensor], T: int, device) -> Optional[Tensor]:
+    if lengths is None:
+        return None
+    t = torch.arange(T).unsqueeze(1)                           # (T, 1)
+    return (t < lengths.to(torch.int64).unsqueeze(0)).unsqueeze(-1).to(device)  # (T, B, 1)
+
+
+def _ln_stats(v: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    var, mean = torch.var_mean(v, -1, keepdim=True, correction=0)  # (B, 1) each
+    return mean, (var + eps).rsqrt()
+
+
+def _ln_bwd(dy_hat: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
+    """dx of x_hat = (x - mean) * rstd given d x_hat, rows over the last dim."""
+    m1 = dy_hat.mean(-1, keepdim=True)
+    m2 = (dy_hat * x_hat).mean(-1, keepdim=True)
+    return rstd * (dy_hat - m1 - x_hat * m2)
+
+
+class _TorchImpl:
+    @staticmethod
+    def lstm_forward(xw, lengths, h0, c0, w, g, bias, wc, bc, eps, cell_norm, save):
+        T, B, H4 = xw.shape
+        H = H4 // 4
+        mask = _mask(lengths, T, xw.device)
+        out = xw.new_empty(T, B, H)
+        h, c = h0.clone(), c0.clone()
+        hw = xw.new_empty(B, H4)
+        if save:
+            hw_hat, gates, cs = xw.new_empty(T, B, H4), xw.new_empty(T, B, H4), xw.new_empty(T, B, H)
+            rstd1, mean2, rstd2 = (xw.new_zeros(T, B, 1) for _ in range(3))
+        wt = w.t()
+        for t in range(T):
+            torch.mm(h, wt, out=hw)                            # (B, 4H)
+            m1, r1 = _ln_stats(hw, eps)
+            xh = (hw - m1) * r1                                # (B, 4H)
+            a = torch.addcmul(xw[t] if bias is None else xw[t] + bias, xh, g)
+            ga = torch.sigmoid(a)
+            ga[:, 2 * H:3 * H] = torch.tanh(a[:, 2 * H:3 * H])
+            i, f, gg, o = ga.chunk(4, dim=-1)
+            c_new = torch.addcmul(f * c, i, gg)                # (B, H)
+            if cell_norm:
+                m2, r2 = _ln_stats(c_new, eps)
+                tc = torch.tanh(torch.addcmul(bc, (c_new - m2) * r2, wc))
+            else:
+                tc = torch.tanh(c_new)
+            h_new = o * tc
+            if mask is None:
+                h, c = h_new, c_new
+                out[t] = h_new
+            else:
+                m = mask[t]
+                h = torch.where(m, h_new, h)
+                c = torch.where(m, c_new, c)
+                out[t] = h_new * m
+            if save:
+                hw_hat[t], gates[t], cs[t], rstd1[t] = xh, ga, c, r1
+                if cell_norm:
+                    mean2[t], rstd2[t] = m2, r2
+        if not save:
+            return [out, h, c]
+        return [out, h, c, hw_hat, gates, cs, rstd1, mean2, rstd2]
+
+    @staticmethod
+    def lstm_backward(dout, dhn, dcn, lengths, h0, c0, w, g, wc, bc, out, hw_hat, gates, cs,
+                      rstd1, mean2, rstd2, cell_norm):
+        T, B, H4 = gates.shape
+        H = H4 // 4
+        mask = _mask(lengths, T, gates.device)
+        dxw = torch.empty_like(gates)
+        dhw = torch.empty_like(gates)
+        dh, dc = dhn.clone(), dcn.clone()
+        dg = torch.zeros_like(g)
+        dwc = torch.zeros(H, dtype=gates.dtype, device=gates.device) if cell_norm else None
+        dbc = torch.zeros_like(dwc) if cell_norm else None
+        for t in range(T - 1, -1, -1):
+            i, f, gg, o = gates[t].chunk(4, dim=-1)
+            c = cs[t]
+            cp = cs[t - 1] if t > 0 else c0
+            dhv = dout[t] + dh
+            if mask is not None:
+                dhv = dhv * mask[t]                            # padding rows contribute nothing
+            if cell_norm:
+                chat = (c - mean2[t]) * rstd2[t]
+                tc = torch.tanh(torch.addcmul(bc, chat, wc))
+                dcn_ = dhv * o * (1 - tc * tc)
+                dwc += (dcn_ * chat).sum(0)
+                dbc += dcn_.sum(0)
+                dcv = _ln_bwd(dcn_ * wc, chat, rstd2[t]) + dc
+            else:
+                tc = torch.tanh(c)
+                dcv = dhv * o * (1 - tc * tc) + dc
+            dA = torch.cat(
+                [dcv * gg * i * (1 - i), dcv * cp * f * (1 - f), dcv * i * (1 - gg * gg), dhv * tc * o * (1 - o)], -1
+            )
+            if mask is not None:
+                m = mask[t]
+                dA = dA * m
+                dc = torch.where(m, dcv * f, dc)
+                direct = dh * ~m
+            else:
+                dc = dcv * f
+                direct = None
+            dxw[t] = dA
+            dg += (dA * hw_hat[t]).sum(0)
+            dhw[t] = _ln_bwd(dA * g, hw_hat[t], rstd1[t])
+            dh = dhw[t] @ w if direct is None else torch.addmm(direct, dhw[t], w)
+        hprev = torch.cat([h0.unsqueeze(0), out[:-1]], 0)
+        dw = dhw.reshape(T * B, H4).t() @ hprev.reshape(T * B, H)
+        dbias = dxw.reshape(T * B, H4).sum(0)
+        return [dxw, dh, dc, dw, dg, dbias, dwc, dbc]
+
+    @staticmethod
+    def gru_forward(xw, lengths, h0, w, g, bias_ih, bias_hh, eps, save):
+        T, B, H3 = xw.shape
+        H = H3 // 3
+        mask = _mask(lengths, T, xw.device)
+        out = xw.new_empty(T, B, H)
+        h = h0.clone()
+        hw = xw.new_empty(B, H3)
+        bx = xw.new_zeros(H3)
+        bn = xw.new_zeros(H)
+        if bias_ih is not None:
+            bx += bias_ih
+        if bias_hh is not None:
+            bx[: 2 * H] += bias_hh[: 2 * H]
+            bn += bias_hh[2 * H:]
+        if save:
+            hw_hat, gates = xw.new_empty(T, B, H3), xw.new_empty(T, B, H3)
+            rstd = xw.new_zeros(T, B, 2)
+        wt = w.t()
+        for t in range(T):
+            torch.mm(h, wt, out=hw)
+            ma, ra = _ln_stats(hw[:, : 2 * H], eps)
+            mb, rb = _ln_stats(hw[:, 2 * H:], eps)
+            xh = torch.cat([(hw[:, : 2 * H] - ma) * ra, (hw[:, 2 * H:] - mb) * rb], -1)  # (B, 3H)
+            xt = xw[t] + bx
+            ru = torch.sigmoid(torch.addcmul(xt[:, : 2 * H], xh[:, : 2 * H], g[: 2 * H]))
+            r, u = ru.chunk(2, dim=-1)
+            n = torch.tanh(torch.addcmul(xt[:, 2 * H:], r, torch.addcmul(bn, xh[:, 2 * H:], g[2 * H:])))
+            h_new = torch.lerp(n, h, u)                        # u h + (1 - u) n
+            if mask is None:
+                h = h_new
+                out[t] = h_new
+            else:
+                m = mask[t]
+                h = torch.where(m, h_new, h)
+                out[t] = h_new * m
+            if save:
+                hw_hat[t] = xh
+                gates[t, :, : 2 * H] = ru
+                gates[t, :, 2 * H:] = n
+                rstd[t, :, 0:1], rstd[t, :, 1:2] = ra, rb
+        if not save:
+            return [out, h]
+        return [out, h, hw_hat, gates, rstd]
+
+    @staticmethod
+    def gru_backward(dout, dhn, lengths, h0, w, g, bias_hh, out, hw_hat, gates, rstd):
+        T, B, H3 = gates.shape
+        H = H3 // 3
+        mask = _mask(lengths, T, gates.device)
+        dxw = torch.empty_like(gates)
+        dhw = torch.empty_like(gates)
+        dh = dhn.clone()
+        dg = torch.zeros_like(g)
+        dbn = gates.new_zeros(H)
+        bn = bias_hh[2 * H:] if bias_hh is not None else gates.new_zeros(H)
+        hprev = torch.cat([h0.unsqueeze(0), out[:-1]], 0)
+        for t in range(T - 1, -1, -1):
+            r, u, n = gates[t].chunk(3, dim=-1)
+            xh = hw_hat[t]
+            dhv = dout[t] + dh
+            if mask is not None:
+                dhv = dhv * mask[t]
+            dnp = dhv * (1 - u) * (1 - n * n)
+            hn = torch.addcmul(bn, xh[:, 2 * H:], g[2 * H:])
+            dhn_ = dnp * r
+            dx = torch.cat([dnp * hn * r * (1 - r), dhv * (hprev[t] - n) * u * (1 - u), dnp], -1)
+            dxw[t] = dx
+            dbn += dhn_.sum(0)
+            dxh = torch.cat([dx[:, : 2 * H], dhn_], -1)       # d of the normalized recurrent part, pre-gain
+            dg += (dxh * xh).sum(0)
+            dyh = dxh * g
+            dhw[t, :, : 2 * H] = _ln_bwd(dyh[:, : 2 * H], xh[:, : 2 * H], rstd[t, :, 0:1])
+            dhw[t, :, 2 * H:] = _ln_bwd(dyh[:, 2 * H:], xh[:, 2 * H:], rstd[t, :, 1:2])
+            direct = dhv * u
+            if mask is not None:
+                direct = torch.where(mask[t], direct, dh)
+            dh = torch.addmm(direct, dhw[t], w)
+        dw = dhw.reshape(T * B, H3).t() @ hprev.reshape(T * B, H)
+        dbih = dxw.reshape(T * B, H3).sum(0)
+        dbhh = dbih.clone()
+        dbhh[2 * H:] = dbn
+        return [dxw, dh, dw, dg, dbih, dbhh]
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------------
+
+
+class _LSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xw, h0, c0, w_hh, g_hh, bias, wc, bc, lengths, eps, cell_norm, impl):
+        out, h_n, c_n, *saved = impl.lstm_forward(xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, eps, cell_norm, True)
+        ctx.save_for_backward(h0, c0, w_hh, g_hh, wc, bc, out, *saved)
+        ctx.lengths, ctx.cell_norm, ctx.impl, ctx.has_bias = lengths, cell_norm, impl, bias is not None
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dout, dhn, dcn):
+        h0, c0, w_hh, g_hh, wc, bc, out, *saved = ctx.saved_tensors
+        dxw, dh0, dc0, dw, dg, db, dwc, dbc = ctx.impl.lstm_backward(
+            dout, dhn, dcn, ctx.lengths, h0, c0, w_hh, g_hh, wc, bc, out, *saved, ctx.cell_norm
+        )
+        if not ctx.has_bias:
+            db = None
+        if not ctx.cell_norm:
+            dwc = dbc = None
+        return dxw, dh0, dc0, dw, dg, db, dwc, dbc, None, None, None, None
+
+
+class _GRUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xw, h0, w_hh, g_hh, bias_ih, bias_hh, lengths, eps, impl):
+        out, h_n, *saved = impl.gru_forward(xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, eps, True)
+        ctx.save_for_backward(h0, w_hh, g_hh, bias_hh, out, *saved)
+        ctx.lengths, ctx.impl = lengths, impl
+        ctx.has_bias = (bias_ih is not None, bias_hh is not None)
+        return out, h_n
+
+    @staticmethod
+    def backward(ctx, dout, dhn):
+        h0, w_hh, g_hh, bias_hh, out, *saved = ctx.saved_tensors
+        dxw, dh0, dw, dg, dbih, dbhh = ctx.impl.gru_backward(dout, dhn, ctx.lengths, h0, w_hh, g_hh, bias_hh, out, *saved)
+        return (dxw, dh0, dw, dg, dbih if ctx.has_bias[0] else None, dbhh if ctx.has_bias[1] else None,
+                None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# public entry points
+# ------------------------------------------------------------------------------------------------
+
+
+def _check(name: str, t: Optional[Tensor], shape: tuple, ref: Tensor) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, but got {list(t.shape)}")
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"{name} must be {ref.dtype} on {ref.device} like xw_ln, but got {t.dtype} on {t.device}")
+    return t.contiguous()
+
+
+def _check_lengths(lengths: Optional[Tensor], T: int, B: int) -> Optional[Tensor]:
+    if lengths is None:
+        return None
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape [{B}], but got {list(lengths.shape)}")
+    lengths = lengths.detach().to("cpu", torch.int64)
+    if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        raise ValueError(f"lengths must lie in [0, {T}], but got min {int(lengths.min())}, max {int(lengths.max())}")
+    return lengths
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def lstm_recurrence(
+    xw_ln: Tensor,
+    lengths: Optional[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    ln_hh_weight: Tensor,
+    bias: Optional[Tensor],
+    ln_cell_weight: Optional[Tensor],
+    ln_cell_bias: Optional[Tensor],
+    eps: float,
+    cell_norm: bool,
+    impl: Optional[str] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The LN-LSTM recurrence over ``T`` steps (contract: :func:`layernorm.nn.rnn_reference.lstm_recurrence`).
+
+    .. math::
+        a_t = \mathrm{LN}(h_{t-1} W_{hh}^T)\,g_{hh} + x_t + b,\quad
+        c_t = \sigma(f) c_{t-1} + \sigma(i)\tanh(g),\quad
+        h_t = \sigma(o)\tanh(\mathrm{LN}(c_t)\,g_c + b_c)
+
+    Args:
+        xw_ln: (T, B, 4H) the normalized input projection, gates i, f, g, o.
+        lengths: int64 (B,) in [0, T], any order, or None (every sequence has T steps).
+        h0, c0: (B, H). w_hh: (4H, H). ln_hh_weight: (4H,). bias: (4H,) or None.
+        ln_cell_weight, ln_cell_bias: (H,); ignored (may be None) when ``cell_norm`` is False.
+        impl: ``"auto"``, ``"cpp"``, ``"torch"`` or None (= ``$LAYERNORM_RNN_IMPL`` or auto).
+
+    Returns:
+        out (T, B, H), zero past each length; h_n, c_n (B, H), the state after each sequence's last step.
+    """
+    if xw_ln.dim() != 3 or xw_ln.shape[2] % 4:
+        raise ValueError(f"xw_ln must have shape [T, B, 4*H], but got {list(xw_ln.shape)}")
+    T, B, H4 = xw_ln.shape
+    H = H4 // 4
+    xw_ln = xw_ln.contiguous()
+    h0 = _check("h0", h0, (B, H), xw_ln)
+    c0 = _check("c0", c0, (B, H), xw_ln)
+    w_hh = _check("w_hh", w_hh, (H4, H), xw_ln)
+    ln_hh_weight = _check("ln_hh_weight", ln_hh_weight, (H4,), xw_ln)
+    bias = _check("bias", bias, (H4,), xw_ln)
+    if cell_norm:
+        if ln_cell_weight is None or ln_cell_bias is None:
+            raise ValueError("ln_cell_weight and ln_cell_bias are required when cell_norm is True")
+        ln_cell_weight = _check("ln_cell_weight", ln_cell_weight, (H,), xw_ln)
+        ln_cell_bias = _check("ln_cell_bias", ln_cell_bias, (H,), xw_ln)
+    else:
+        ln_cell_weight = ln_cell_bias = None
+    lengths = _check_lengths(lengths, T, B)
+    eps, cell_norm = float(eps), bool(cell_norm)
+    imp = _pick_impl(impl, xw_ln)
+    if not _needs_grad(xw_ln, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight, ln_cell_bias):
+        with torch.no_grad():  # inference: nothing saved, one step of scratch
+            out, h_n, c_n = imp.lstm_forward(xw_ln, lengths, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight,
+                                             ln_cell_bias, eps, cell_norm, False)[:3]
+        return out, h_n, c_n
+    return _LSTMFunction.apply(xw_ln, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight, ln_cell_bias, lengths,
+                               eps, cell_norm, imp)
+
+
+def gru_recurrence(
+    xw_ln: Tensor,
+    lengths: Optional[Tensor],
+    h0: Tensor,
+    w_hh: Tensor,
+    ln_hh_weight: Tensor,
+    bias_ih: Optional[Tensor],
+    bias_hh: Optional[Tensor],
+    eps: float,
+    impl: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
+    r"""The LN-GRU recurrence over ``T`` steps (contract: :func:`layernorm.nn.rnn_reference.gru_recurrence`).
+
+    .. math::
+        [r, u] = \sigma(x^{ru}_t + b^{ru}_{ih} + \mathrm{LN}(h W^{ru\,T}) g^{ru} + b^{ru}_{hh}),\quad
+        n = \tanh(x^n_t + b^n_{ih} + r \odot (\mathrm{LN}(h W^{n\,T}) g^n + b^n_{hh})),\quad
+        h_t = u \odot h_{t-1} + (1 - u) \odot n
+
+    Args:
+        xw_ln: (T, B, 3H), gates r, u, n. lengths: as :func:`lstm_recurrence`. h0: (B, H).
+        w_hh: (3H, H). ln_hh_weight: (3H,). bias_ih, bias_hh: (3H,) or None. impl: as above.
+
+    Returns:
+        out (T, B, H), zero past each length; h_n (B, H).
+    """
+    if xw_ln.dim() != 3 or xw_ln.shape[2] % 3:
+        raise ValueError(f"xw_ln must have shape [T, B, 3*H], but got {list(xw_ln.shape)}")
+    T, B, H3 = xw_ln.shape
+    H = H3 // 3
+    xw_ln = xw_ln.contiguous()
+    h0 = _check("h0", h0, (B, H), xw_ln)
+    w_hh = _check("w_hh", w_hh, (H3, H), xw_ln)
+    ln_hh_weight = _check("ln_hh_weight", ln_hh_weight, (H3,), xw_ln)
+    bias_ih = _check("bias_ih", bias_ih, (H3,), xw_ln)
+    bias_hh = _check("bias_hh", bias_hh, (H3,), xw_ln)
+    lengths = _check_lengths(lengths, T, B)
+    eps = float(eps)
+    imp = _pick_impl(impl, xw_ln)
+    if not _needs_grad(xw_ln, h0, w_hh, ln_hh_weight, bias_ih, bias_hh):
+        with torch.no_grad():
+            out, h_n = imp.gru_forward(xw_ln, lengths, h0, w_hh, ln_hh_weight, bias_ih, bias_hh, eps, False)[:2]
+        return out, h_n
+    return _GRUFunction.apply(xw_ln, h0, w_hh, ln_hh_weight, bias_ih, bias_hh, lengths, eps, imp)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark: python -m layernorm.nn.rnn_fast [--quick]
+# ------------------------------------------------------------------------------------------------
+
+
+def _saved_bytes(f) -> int:  # pragma: no cover - measurement
+    """Bytes of distinct storages autograd keeps for backward while ``f()`` builds its graph."""
+    seen = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except Exception:
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = f()
+    del y
+    return sum(seen.values())
+
+
+def _bench_main(argv=None) -> None:  # pragma: no cover - measurement, run by hand
+    """Forward+backward time of one layer (input GEMM + input LN + recurrence) vs nn.LSTM / nn.GRU.
+
+    Every variant runs interleaved in one process and the minimum over rounds is reported (on a
+    shared machine other processes only ever add time), so the ratios are meaningful even when
+    the machine is noisy.
+    """
+    import argparse
+    import time
+
+    from torch import nn
+
+    from . import rnn_reference
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--T", type=int, default=100)
+    p.add_argument("--H", type=int, default=256)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--no-naive", action="store_true")
+    a = p.parse_args(argv)
+    T, H, I = a.T, a.H, a.H
+    torch.manual_seed(0)
+    print(f"threads={torch.get_num_threads()} T={T} I=H={H}; fwd+bwd ms (min of {a.rounds}); ratio vs nn.*")
+    for mode, G in (("LSTM", 4), ("GRU", 3)):
+        ref_mod = (nn.LSTM if mode == "LSTM" else nn.GRU)(I, H)
+        w_ih = nn.Parameter(torch.randn(G * H, I) / I ** 0.5)
+        w_hh = nn.Parameter(torch.randn(G * H, H) / H ** 0.5)
+        g_ih = nn.Parameter(torch.ones(G * H))
+        g_hh = nn.Parameter(torch.ones(G * H))
+        b_ih = nn.Parameter(torch.zeros(G * H))
+        b_hh = nn.Parameter(torch.zeros(G * H))
+        wc, bc = nn.Parameter(torch.ones(H)), nn.Parameter(torch.zeros(H))
+        blocks = [4 * H] if mode == "LSTM" else [2 * H, H]
+
+        def layer(fns, x, **kw):
+            xw = x @ w_ih.t()                                   # (T, B, GH)
+            parts = [torch.nn.functional.layer_norm(v, (v.shape[-1],), gw, None, 1e-5)
+                     for v, gw in zip(xw.split(blocks, -1), g_ih.split(blocks))]
+            xw_ln = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+            h0 = x.new_zeros(x.shape[1], H)
+            if mode == "LSTM":
+                out, hn, cn = fns.lstm_recurrence(xw_ln, None, h0, h0, w_hh, g_hh, b_ih + b_hh, wc, bc, 1e-5, True, **kw)
+            else:
+                out, hn = fns.gru_recurrence(xw_ln, None, h0, w_hh, g_hh, b_ih, b_hh, 1e-5, **kw)
+            return out
+
+        import sys
+
+        fast = sys.modules[__name__]
+        for B in a.batches:
+            x = torch.randn(T, B, I, requires_grad=True)
+            variants = {
+                f"nn.{mode}": lambda: ref_mod(x)[0],
+                "fast[cpp]": lambda: layer(fast, x, impl="cpp"),
+                "fast[torch]": lambda: layer(fast, x, impl="torch"),
+            }
+            if not a.no_naive:
+                variants["naive loop"] = lambda: layer(rnn_reference, x)
+            mem = {k: _saved_bytes(f) for k, f in variants.items()}
+            times = {k: [] for k in variants}
+            for r in range(a.rounds + 1):
+                for k, f in variants.items():
+                    t0 = time.perf_counter()
+                    f().sum().backward()
+                    dt = time.perf_counter() - t0
+                    if r:  # first round: warm-up
+                        times[k].append(dt)
+            base = min(times[f"nn.{mode}"])
+            row = []
+            for k, v in times.items():
+                med = min(v)
+                row.append(f"{k} {med * 1e3:7.1f} ms ({med / base:4.2f}x, saved {mem[k] / 2**20:5.1f} MiB)")
+            print(f"{mode} B={B:3d}: " + " | ".join(row), flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _bench_main()
