@@ -625,7 +625,7 @@ def _ddp_worker(rank, world_size, port, path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(300)
 def test_ddp_two_processes_match_one_process():
     import torch.multiprocessing as mp
 

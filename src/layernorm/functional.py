@@ -117,7 +117,7 @@ def _norm(input, residual, normalized_shape, weight, bias, eps, rms, backend):
         # oracle against which the custom-op path (hand-written backward) is tested.
         y, z, _, _ = reference.forward(x2d, r2d, w, b, eps, rms)
     else:
-        y, z, _, _ = ops.norm_fwd(x2d, r2d, w, b, eps, rms, name)
+        y, z, _, _ = ops.norm(x2d, r2d, w, b, eps, rms, name)
     y = y.view(input.shape)
     if residual is None:
         return y

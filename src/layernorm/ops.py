@@ -19,22 +19,13 @@ from torch import Tensor
 from . import backends
 from .backends import reference
 
-__all__ = ["norm_fwd", "norm_bwd"]
+__all__ = ["norm", "norm_fwd", "norm_bwd", "forward_impl", "backward_impl"]
 
 _EMPTY = (0,)
 
 
-@torch.library.custom_op("layernorm::norm_fwd", mutates_args=())
-def norm_fwd(
-    x: Tensor,
-    residual: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float,
-    rms: bool,
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, z, mean, rstd); z is empty without residual, mean is empty for RMSNorm."""
+def forward_impl(x, residual, weight, bias, eps, rms, backend):
+    """The forward both doors share: returns (y, z, mean, rstd) with empty tensors for absent ones."""
     acc = reference.stat_dtype(x.dtype)
     M = x.shape[0]
     if x.numel() == 0:  # zero rows or zero columns: nothing to normalize, nothing to launch
@@ -50,6 +41,20 @@ def norm_fwd(
     return y, z, mean, rstd
 
 
+@torch.library.custom_op("layernorm::norm_fwd", mutates_args=())
+def norm_fwd(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    rms: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, z, mean, rstd); z is empty without residual, mean is empty for RMSNorm."""
+    return forward_impl(x, residual, weight, bias, eps, rms, backend)
+
+
 @norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, rms, backend):
     acc = reference.stat_dtype(x.dtype)
@@ -59,6 +64,23 @@ def _(x, residual, weight, bias, eps, rms, backend):
     mean = x.new_empty(_EMPTY, dtype=acc) if rms else x.new_empty((M,), dtype=acc)
     rstd = x.new_empty((M,), dtype=acc)
     return y, z, mean, rstd
+
+
+def backward_impl(dy, dz, z, weight, mean, rstd, bias, rms, backend):
+    """The backward both doors share: (dx, dweight, dbias), empty tensors for absent parameters."""
+    if z.numel() == 0:
+        dx = torch.zeros_like(z) if dz is None else dz.clone()
+        dw = torch.zeros_like(weight) if weight is not None else z.new_empty(_EMPTY)
+        db = torch.zeros_like(bias) if bias is not None else z.new_empty(_EMPTY)
+        return dx, dw, db
+    dx, dw, db = backends.get_backend(backend).backward(
+        dy, dz, z, weight, bias, None if rms else mean, rstd, rms
+    )
+    if dw is None:
+        dw = z.new_empty(_EMPTY)
+    if db is None:
+        db = z.new_empty(_EMPTY)
+    return dx, dw, db
 
 
 @torch.library.custom_op("layernorm::norm_bwd", mutates_args=())
@@ -76,19 +98,7 @@ def norm_bwd(
     """Returns (dx, dweight, dbias); dweight/dbias are empty when there is no weight/bias.
 
     ``bias`` is passed only for its presence and dtype: the backward does not read its values."""
-    if z.numel() == 0:
-        dx = torch.zeros_like(z) if dz is None else dz.clone()
-        dw = torch.zeros_like(weight) if weight is not None else z.new_empty(_EMPTY)
-        db = torch.zeros_like(bias) if bias is not None else z.new_empty(_EMPTY)
-        return dx, dw, db
-    dx, dw, db = backends.get_backend(backend).backward(
-        dy, dz, z, weight, bias, None if rms else mean, rstd, rms
-    )
-    if dw is None:
-        dw = z.new_empty(_EMPTY)
-    if db is None:
-        db = z.new_empty(_EMPTY)
-    return dx, dw, db
+    return backward_impl(dy, dz, z, weight, mean, rstd, bias, rms, backend)
 
 
 @norm_bwd.register_fake
@@ -124,14 +134,14 @@ def _double_differentiable_backward(ctx, dy, dz, normalized, weight, bias):
     return dx, dw, db
 
 
-def _backward(ctx, dy, dz, dmean, drstd):
+def _grads(ctx, dy, dz, bwd):
     normalized, weight, bias, mean, rstd = ctx.saved_tensors
     if not ctx.has_residual:
         dz = None
     if torch.is_grad_enabled():
         dx, dw, db = _double_differentiable_backward(ctx, dy, dz, normalized, weight, bias)
     else:
-        dx, dw, db = norm_bwd(
+        dx, dw, db = bwd(
             dy.contiguous(), None if dz is None else dz.contiguous(), normalized, weight, mean, rstd,
             bias, ctx.rms, ctx.backend,
         )
@@ -141,4 +151,40 @@ def _backward(ctx, dy, dz, dmean, drstd):
     return dx, dres, dw, db, None, None, None
 
 
+def _backward(ctx, dy, dz, dmean, drstd):
+    return _grads(ctx, dy, dz, norm_bwd)
+
+
 torch.library.register_autograd("layernorm::norm_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerNorm(torch.autograd.Function):
+    """The same forward/backward as the custom op, for eager mode.
+
+    A custom op's Python dispatch costs ~20 us per call, a quarter of a 4 MB LayerNorm on CPU;
+    ``torch.autograd.Function`` costs a few. Under ``torch.compile`` the custom op is used instead
+    (dynamo needs its fake implementation), so both doors run ``forward_impl``/``backward_impl``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, rms, backend):
+        out = forward_impl(x, residual, weight, bias, eps, rms, backend)
+        _setup_context(ctx, (x, residual, weight, bias, eps, rms, backend), out)
+        ctx.mark_non_differentiable(out[2], out[3])
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, dz, dmean, drstd):
+        return _grads(ctx, dy, dz, backward_impl)
+
+
+def norm(x, residual, weight, bias, eps, rms, backend):
+    """(y, z, mean, rstd) through the cheapest door that is correct in the current context."""
+    if torch.compiler.is_compiling():
+        return norm_fwd(x, residual, weight, bias, eps, rms, backend)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, weight, bias)
+    )
+    if not needs_grad:
+        return forward_impl(x, residual, weight, bias, eps, rms, backend)
+    return _EagerNorm.apply(x, residual, weight, bias, eps, rms, backend)

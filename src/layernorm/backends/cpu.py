@@ -97,10 +97,18 @@ _OPTS = dict(parallel=True, fastmath=False, cache=True, nogil=True, error_model=
 
 
 def configure_threads() -> int:
-    """Use as many numba threads as torch uses (capped by numba's pool size); returns the count."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    """Use as many numba threads as torch uses (capped by numba's pool size); returns the count.
+
+    Starting numba's ``omp`` pool calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` in the libgomp that
+    torch shares with it, which silently undid a user's ``torch.set_num_threads(1)`` (torch then ran
+    its own ops on every core after our first call). torch's count is read before and put back after.
+    """
+    want = torch.get_num_threads()
+    n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
     return n
 
 

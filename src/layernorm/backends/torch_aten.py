@@ -58,7 +58,7 @@ def forward(x, residual, weight, bias, eps, rms):
         y, _, _, rstd = reference.forward(h, None, weight, None, eps, True)
         return y, z, None, rstd
     w, b = _common_dtype(h, weight, bias)
-    y, mean, rstd = torch.ops.aten.native_layer_norm(h, [N], w, b, eps)
+    y, mean, rstd = torch.native_layer_norm(h, [N], w, b, eps)
     return y, z, mean.reshape(-1).to(acc), rstd.reshape(-1).to(acc)
 
 
