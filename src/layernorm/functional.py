@@ -95,6 +95,15 @@ def _prepare(input: Tensor, normalized_shape: _ShapeLike) -> Tuple[List[int], in
     return shape, math.prod(shape)
 
 
+def _aten_takes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """True when torch.nn.functional accepts these dtypes as they are (all equal, or all-fp32
+    parameters with bf16/fp16 input on CPU); otherwise the torch backend's own casting path runs."""
+    params = [p for p in (weight, bias) if p is not None]
+    if all(p.dtype == x.dtype for p in params):
+        return True
+    return x.device.type == "cpu" and x.dtype in _LOW_PRECISION and all(p.dtype == torch.float32 for p in params)
+
+
 def _norm(input, residual, normalized_shape, weight, bias, eps, rms, backend):
     shape, N = _prepare(input, normalized_shape)
     if residual is not None:
@@ -108,7 +117,16 @@ def _norm(input, residual, normalized_shape, weight, bias, eps, rms, backend):
     w = _check_param("weight", weight, input, shape)
     b = _check_param("bias", bias, input, shape)
     eps = _check_eps(eps)
-    name = resolve_backend(backend, input.device, input.dtype)
+    name = resolve_backend(backend, input.device, input.dtype, rms)
+    if name == "torch" and not torch.compiler.is_compiling() and _aten_takes(input, weight, bias):
+        # The torch backend *is* ATen: in eager mode call it the way torch users do, so choosing
+        # it (automatically for bf16/fp16 on CPU) costs nothing over torch.nn.functional.
+        h = input if residual is None else input + residual
+        if rms:
+            y = torch.nn.functional.rms_norm(h, shape, weight, eps)
+        else:
+            y = torch.nn.functional.layer_norm(h, shape, weight, bias, eps)
+        return y if residual is None else (y, h)
     M = math.prod(input.shape[: input.dim() - len(shape)])  # explicit: view(-1, 0) is ambiguous
     x2d = input.contiguous().view(M, N)  # the one reshape to (rows, cols)
     r2d = residual.contiguous().view(M, N) if residual is not None else None
