@@ -612,10 +612,9 @@ _DDP_BACKEND = "reference"
 def _ddp_worker(rank, world_size, port, path):
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # rendezvous through a file, not a TCP port: no race on a port picked free and then released
+    dist.init_process_group("gloo", init_method=f"file://{path}.store", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
         model = LayerNormLSTM(3, 5, num_layers=2, bidirectional=True, dtype=D64, backend=_DDP_BACKEND)
