@@ -615,18 +615,19 @@ def _ddp_worker(rank, world_size, port, path):
     torch.set_num_threads(1)
     # rendezvous through a file, not a TCP port: no race on a port picked free and then released
     dist.init_process_group("gloo", init_method=f"file://{path}.store", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        model = LayerNormLSTM(3, 5, num_layers=2, bidirectional=True, dtype=D64, backend=_DDP_BACKEND)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        x = torch.load(path + ".x")
-        half = x.shape[1] // world_size
-        out, (h, c) = ddp(x[:, rank * half:(rank + 1) * half])
-        (out.square().mean() + h.mean()).backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.named_parameters()}, path + ".grads")
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = LayerNormLSTM(3, 5, num_layers=2, bidirectional=True, dtype=D64, backend=_DDP_BACKEND)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x = torch.load(path + ".x")
+    half = x.shape[1] // world_size
+    out, (h, c) = ddp(x[:, rank * half:(rank + 1) * half])
+    (out.square().mean() + h.mean()).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, path + ".grads")
+    dist.barrier()
+    # Leave without interpreter teardown: seen here (py-spy), the DDP Reducer's destructor joins gloo's
+    # worker thread while holding the GIL, and that thread waits for the GIL to free a Python object.
+    os._exit(0)
 
 
 @pytest.mark.slow
