@@ -116,6 +116,8 @@ def _norm(input, residual, normalized_shape, weight, bias, eps, rms, backend):
             )
     w = _check_param("weight", weight, input, shape)
     b = _check_param("bias", bias, input, shape)
+    if eps is None and rms:  # RMSNorm's default, as in torch: the input dtype's machine epsilon
+        eps = torch.finfo(input.dtype).eps
     eps = _check_eps(eps)
     name = resolve_backend(backend, input.device, input.dtype, rms)
     if name == "torch" and not torch.compiler.is_compiling() and _aten_takes(input, weight, bias):
@@ -186,9 +188,6 @@ def rms_norm(
 
     ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
     """
-    _check_input("input", input)
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
     return _norm(input, None, normalized_shape, weight, None, eps, True, backend)
 
 
@@ -224,7 +223,4 @@ def add_rms_norm(
     backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Fused pre-norm residual: returns ``(rms_norm(input + residual), input + residual)``."""
-    _check_input("input", input)
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
     return _norm(input, residual, normalized_shape, weight, None, eps, True, backend)
