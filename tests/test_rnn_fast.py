@@ -264,3 +264,136 @@ def test_torch_impl_on_cuda(mode):
     for a, b in zip(got, want):
         assert a.is_cuda
         torch.testing.assert_close(a.double().cpu(), b, rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# ln_ih_weight: the raw projection in, LN(xw) * ln_ih_weight taken inside (fused in the C++ loop)
+# ------------------------------------------------------------------------------------------------
+
+
+def _ln_blocks(xw, g, blocks, eps=1e-5):
+    """The reference input LN: each block of the gate axis normalized on its own, gain g, no shift."""
+    parts, start = [], 0
+    for size in blocks:
+        parts.append(torch.nn.functional.layer_norm(xw[..., start:start + size], (size,),
+                                                    g[start:start + size], None, eps))
+        start += size
+    return torch.cat(parts, -1)
+
+
+def _with_ln_ih(inp, G, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    dtype = inp["xw_ln"].dtype
+    out = dict(inp)
+    # raw projections are not centred: a mean offset makes a missing centring visible
+    out["xw_ln"] = (torch.randn(inp["xw_ln"].shape, generator=g, dtype=dtype) * 2 + 0.7).requires_grad_()
+    out["ln_ih_weight"] = (1 + 0.3 * torch.randn(G, generator=g, dtype=dtype)).requires_grad_()
+    return out
+
+
+def _ref_lstm_ln(xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, eps, cell_norm, ln_ih_weight):
+    return ref.lstm_recurrence(_ln_blocks(xw, ln_ih_weight, [xw.shape[-1]], eps), lengths, h0, c0, w_hh, g_hh,
+                               bias, wc, bc, eps, cell_norm)
+
+
+def _ref_gru_ln(xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, eps, ln_ih_weight):
+    H = xw.shape[-1] // 3
+    return ref.gru_recurrence(_ln_blocks(xw, ln_ih_weight, [2 * H, H], eps), lengths, h0, w_hh, g_hh, bias_ih,
+                              bias_hh, eps)
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("H,lengths", [(16, "none"), (13, "varied")])
+@pytest.mark.parametrize("cell_norm,bias", [(True, True), (False, False)])
+def test_lstm_input_ln_matches_reference(impl, lengths, cell_norm, bias, H, cpp_ok):
+    _need(impl, cpp_ok)
+    T, B = 7, 6
+    inp = _with_ln_ih(_lstm_inputs(T, B, H, torch.float64, bias=bias, cell_norm=cell_norm), 4 * H)
+    fast = lambda *a, **k: rf.lstm_recurrence(*a[:11], impl=impl, ln_ih_weight=inp["ln_ih_weight"])  # noqa: E731
+    slow = lambda *a, **k: _ref_lstm_ln(*a[:11], ln_ih_weight=inp["ln_ih_weight"])  # noqa: E731
+    got = _run_lstm(fast, inp, LENGTHS[lengths], cell_norm)
+    want = _run_lstm(slow, inp, LENGTHS[lengths], cell_norm)
+    names = ["out", "h_n", "c_n"] + [k for k, v in inp.items() if v is not None]
+    assert "ln_ih_weight" in names
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("H,lengths", [(16, "none"), (13, "varied")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_input_ln_matches_reference(impl, lengths, bias, H, cpp_ok):
+    _need(impl, cpp_ok)
+    T, B = 7, 6
+    inp = _with_ln_ih(_gru_inputs(T, B, H, torch.float64, bias=bias), 3 * H)
+    fast = lambda *a, **k: rf.gru_recurrence(*a[:8], impl=impl, ln_ih_weight=inp["ln_ih_weight"])  # noqa: E731
+    slow = lambda *a, **k: _ref_gru_ln(*a[:8], ln_ih_weight=inp["ln_ih_weight"])  # noqa: E731
+    got = _run_gru(fast, inp, LENGTHS[lengths])
+    want = _run_gru(slow, inp, LENGTHS[lengths])
+    names = ["out", "h_n"] + [k for k, v in inp.items() if v is not None]
+    assert "ln_ih_weight" in names
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_input_ln_fp32_and_inference(cpp_ok):
+    """float32 against the fp64 reference, and the no-grad path equal to the training path."""
+    _need("cpp", cpp_ok)
+    T, B, H = 9, 5, 24
+    inp = _with_ln_ih(_lstm_inputs(T, B, H, torch.float32), 4 * H)
+    lengths = torch.tensor([9, 2, 0, 9, 4])
+    fast = lambda *a, **k: rf.lstm_recurrence(*a[:11], impl="cpp", ln_ih_weight=inp["ln_ih_weight"])  # noqa: E731
+    got = _run_lstm(fast, inp, lengths, True)
+    inp64 = _to64(inp)
+    slow = lambda *a, **k: _ref_lstm_ln(*a[:11], ln_ih_weight=inp64["ln_ih_weight"])  # noqa: E731
+    want = _run_lstm(slow, inp64, lengths, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        args = [inp[k] for k in ("xw_ln",)] + [lengths] + [inp[k] for k in (
+            "h0", "c0", "w_hh", "ln_hh_weight", "bias", "ln_cell_weight", "ln_cell_bias")]
+        nograd = rf.lstm_recurrence(*args, 1e-5, True, impl="cpp", ln_ih_weight=inp["ln_ih_weight"])
+    for a, b in zip(nograd, got[:3]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_input_ln_gradcheck_fp64(mode, cpp_ok):
+    _need("cpp", cpp_ok)
+    T, B, H = 3, 2, 3
+    lengths = torch.tensor([3, 1])
+    if mode == "lstm":
+        inp = _with_ln_ih(_lstm_inputs(T, B, H, torch.float64), 4 * H)
+        keys = [k for k, v in inp.items() if v is not None]
+
+        def f(*vals):
+            d = dict(zip(keys, vals))
+            return rf.lstm_recurrence(d["xw_ln"], lengths, d["h0"], d["c0"], d["w_hh"], d["ln_hh_weight"], d["bias"],
+                                      d["ln_cell_weight"], d["ln_cell_bias"], 1e-5, True, impl="cpp",
+                                      ln_ih_weight=d["ln_ih_weight"])
+    else:
+        inp = _with_ln_ih(_gru_inputs(T, B, H, torch.float64), 3 * H)
+        keys = [k for k, v in inp.items() if v is not None]
+
+        def f(*vals):
+            d = dict(zip(keys, vals))
+            return rf.gru_recurrence(d["xw_ln"], lengths, d["h0"], d["w_hh"], d["ln_hh_weight"], d["bias_ih"],
+                                     d["bias_hh"], 1e-5, impl="cpp", ln_ih_weight=d["ln_ih_weight"])
+    assert torch.autograd.gradcheck(f, [inp[k] for k in keys], eps=1e-6, atol=1e-5)
+
+
+def test_input_ln_bitwise_deterministic(cpp_ok):
+    _need("cpp", cpp_ok)
+    inp = _with_ln_ih(_lstm_inputs(6, 64, 32, torch.float32), 128)
+    fast = lambda *a, **k: rf.lstm_recurrence(*a[:11], impl="cpp", ln_ih_weight=inp["ln_ih_weight"])  # noqa: E731
+    a = _run_lstm(fast, inp, None, True)
+    b = _run_lstm(fast, inp, None, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_input_ln_weight_shape_error():
+    inp = _lstm_inputs(3, 2, 4, torch.float32)
+    with pytest.raises(ValueError, match="ln_ih_weight must have shape \\[16\\]"):
+        rf.lstm_recurrence(inp["xw_ln"], None, inp["h0"], inp["c0"], inp["w_hh"], inp["ln_hh_weight"], inp["bias"],
+                           inp["ln_cell_weight"], inp["ln_cell_bias"], 1e-5, True, ln_ih_weight=torch.ones(12))

@@ -3,13 +3,18 @@
 Providers, per cell type (LSTM, GRU):
 
 - ``layernorm``: :class:`~layernorm.nn.LayerNormLSTM` / ``LayerNormGRU`` with the default backend
-  (the fast recurrence when ``layernorm.nn.rnn_fast`` imports, else the reference);
+  (the fast recurrence when ``layernorm.nn.rnn_fast`` imports, else the reference; its implementation,
+  e.g. ``triton`` on CUDA, is recorded as ``recurrence_impl`` in the JSON);
+- ``layernorm-torch-ops`` (opt-in): the same with ``LAYERNORM_RNN_IMPL=torch``, the per-step torch-ops
+  recurrence (about 15 launches per step on CUDA): the "before" of the fused Triton kernel;
 - ``reference``: the same modules with ``backend="reference"`` (Python loop, autograd backward);
 - ``naive``: what one writes by hand: ``nn.Linear`` + ``nn.LayerNorm`` called step by step
   (:class:`NaiveLNLSTM`, :class:`NaiveLNGRU` below), the input projection inside the loop;
 - ``torch``: ``nn.LSTM`` / ``nn.GRU`` (no normalization: the speed to aim at, not the same maths).
 
 Shapes: T = 100 time steps, batch B in {1, 32, 128}, input = hidden = H in {256, 512}, float32.
+``--gpu-case``: the one GPU shape of the fused-kernel issue, T = 256, B = 64, I = H = 512, with the
+providers ``layernorm``, ``layernorm-torch-ops`` and ``torch`` (cuDNN) unless ``--providers`` is given.
 Measured: forward (no grad) and forward+backward (loss = output.sum()), median ms; ``ratio`` is the
 time over the ``torch`` provider's in the same shape. Memory: on CUDA the peak allocated during
 forward+backward above what was allocated before; on CPU (where allocator statistics are not
@@ -23,6 +28,7 @@ function keeps outside ``save_for_backward`` are not seen by that count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -36,7 +42,10 @@ from ._timing import TimerConfig, time_fn, timing_method
 
 __all__ = ["main", "NaiveLNLSTM", "NaiveLNGRU", "saved_tensor_bytes"]
 
-PROVIDERS = ("layernorm", "reference", "naive", "torch")
+PROVIDERS = ("layernorm", "layernorm-torch-ops", "reference", "naive", "torch")
+DEFAULT_PROVIDERS = ("layernorm", "reference", "naive", "torch")
+GPU_CASE_PROVIDERS = ("layernorm", "layernorm-torch-ops", "torch")
+_IMPL_ENV = "LAYERNORM_RNN_IMPL"
 
 
 class NaiveLNLSTM(nn.Module):
@@ -126,7 +135,38 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: Sequence[Tensor] = ())
     return sum(seen.values())
 
 
+@contextlib.contextmanager
+def _impl_env(provider: str):
+    """``layernorm-torch-ops``: LAYERNORM_RNN_IMPL=torch while it is measured, restored afterwards."""
+    if provider != "layernorm-torch-ops":
+        yield
+        return
+    old = os.environ.get(_IMPL_ENV)
+    os.environ[_IMPL_ENV] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[_IMPL_ENV]
+        else:
+            os.environ[_IMPL_ENV] = old
+
+
+def _recurrence_impl(device: torch.device) -> str:
+    """Name of the implementation the ``layernorm`` provider's recurrence runs for float32 on ``device``."""
+    from layernorm.nn import rnn_fast
+
+    impl = rnn_fast._pick_impl(None, torch.empty(0, device=device))
+    return {"_TorchImpl": "torch", "_TritonImpl": "triton"}.get(getattr(impl, "__name__", ""), "cpp")
+
+
 def _measure(mode: str, provider: str, H: int, B: int, T: int, device: torch.device, cfg: TimerConfig) -> dict:
+    with _impl_env(provider):
+        return _measure_in_env(mode, provider, H, B, T, device, cfg)
+
+
+def _measure_in_env(mode: str, provider: str, H: int, B: int, T: int, device: torch.device,
+                    cfg: TimerConfig) -> dict:
     torch.manual_seed(0)
     model = _build(mode, provider, H, device)
     x = torch.randn(T, B, H, device=device)
@@ -196,7 +236,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (< 30 s on CPU)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON result")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {list(PROVIDERS)}")
+    p.add_argument("--providers", default=None,
+                   help=f"comma list from {list(PROVIDERS)} (default: {','.join(DEFAULT_PROVIDERS)})")
+    p.add_argument("--gpu-case", action="store_true",
+                   help="only T=256, B=64, I=H=512 (default providers: " + ",".join(GPU_CASE_PROVIDERS) + ")")
     p.add_argument("--modes", default="LSTM,GRU", help="comma list from LSTM,GRU")
     p.add_argument("--sizes", default=None, help="comma list of H (= input size) to run instead of the default")
     p.add_argument("--batches", default=None, help="comma list of batch sizes to run instead of the default")
@@ -211,7 +254,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda given but CUDA is not available")
-    providers = [s.strip() for s in args.providers.split(",") if s.strip()]
+    if args.quick and args.gpu_case:
+        p.error("--quick and --gpu-case exclude each other")
+    default_providers = GPU_CASE_PROVIDERS if args.gpu_case else DEFAULT_PROVIDERS
+    providers = [s.strip() for s in (args.providers or ",".join(default_providers)).split(",") if s.strip()]
     modes = [s.strip().upper() for s in args.modes.split(",") if s.strip()]
     bad = [x for x in providers if x not in PROVIDERS] + [m for m in modes if m not in ("LSTM", "GRU")]
     if bad:
@@ -220,6 +266,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:
         T, sizes, batches = 25, [64], [1, 16]
         cfg = TimerConfig(warmup=1, min_reps=3, max_reps=10, budget_s=0.05)
+    elif args.gpu_case:
+        T, sizes, batches = 256, [512], [64]
+        cfg = TimerConfig(warmup=2, min_reps=5, max_reps=30, budget_s=1.0)
     else:
         sizes, batches = [256, 512], [1, 32, 128]
         cfg = TimerConfig(warmup=2, min_reps=5, max_reps=30, budget_s=1.0)
@@ -234,6 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from layernorm.nn.rnn import recurrence_backend
 
     fast_module = recurrence_backend(None).__name__
+    fast_impl = _recurrence_impl(device) if fast_module.endswith("rnn_fast") else None
     t0 = time.perf_counter()
     rows: List[dict] = []
     for mode in modes:
@@ -245,23 +295,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elapsed = time.perf_counter() - t0
     _print_table(rows, f"LN-RNN benchmark, {device.type}, T={T}, float32 ({elapsed:.1f} s); x torch = time / nn.{modes[0] if len(modes) == 1 else 'LSTM|GRU'}'s")
 
-    custom = bool(args.sizes or args.batches) or providers != list(PROVIDERS) or modes != ["LSTM", "GRU"]
+    custom = bool(args.sizes or args.batches) or providers != list(default_providers) or modes != ["LSTM", "GRU"]
     result = {
         "benchmark": "rnn",
         "quick": bool(args.quick),
+        "gpu_case": bool(args.gpu_case),
         "custom_selection": custom,
         "device": device.type,
         "machine": describe_machine(),
         "timing": timing_method(device, cfg),
         "recurrence_module": fast_module,
+        "recurrence_impl": fast_impl,
         "dtype": "float32",
         "T": T,
         "elapsed_s": round(elapsed, 2),
         "results": rows,
     }
     os.makedirs(args.out, exist_ok=True)
-    # quick and custom runs get their own file so they never overwrite a full run's rnn-<device>.json
-    name = f"rnn-{device.type}{'-quick' if args.quick else ''}{'-custom' if custom else ''}.json"
+    # quick, GPU-case and custom runs get their own file so they never overwrite a full run's rnn-<device>.json
+    kind = "-quick" if args.quick else "-gpu-case" if args.gpu_case else ""
+    name = f"rnn-{device.type}{kind}{'-custom' if custom else ''}.json"
     path = os.path.join(args.out, name)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)

@@ -333,8 +333,13 @@ class _LNRNNBase(nn.Module):
                 idx = layer * self.num_directions + direction
                 p = self._params(layer, direction)
                 xin = layer_in if direction == 0 else reverse_padded(layer_in, run_lengths)
-                xw_ln = _project(xin, p["weight_ih"], p["ln_ih_weight"], self._blocks, self.eps, ln_backend)
-                out, *fin = self._recurrence(fns, xw_ln.contiguous(), run_lengths, [s[idx] for s in states], p)
+                state = [s[idx] for s in states]
+                if fns is rnn_reference:
+                    xw_ln = _project(xin, p["weight_ih"], p["ln_ih_weight"], self._blocks, self.eps, ln_backend)
+                    out, *fin = self._recurrence(fns, xw_ln.contiguous(), run_lengths, state, p)
+                else:  # the fast recurrence normalizes the projection itself (in its time loop, for C++)
+                    xw = torch.matmul(xin, p["weight_ih"].t())  # (T, B, G*H)
+                    out, *fin = self._recurrence(fns, xw, run_lengths, state, p, ln_ih_weight=p["ln_ih_weight"])
                 if direction == 1:
                     out = reverse_padded(out, run_lengths)
                 outs.append(out)
@@ -406,12 +411,12 @@ class LayerNormLSTM(_LNRNNBase):
     def _blocks(self) -> List[int]:
         return [4 * self.hidden_size]
 
-    def _recurrence(self, fns, xw_ln, lengths, state, p):
+    def _recurrence(self, fns, xw_ln, lengths, state, p, **kw):
         h0, c0 = state
         bias = p["bias_ih"] + p["bias_hh"] if self.bias else None
         return fns.lstm_recurrence(
             xw_ln, lengths, h0, c0, p["weight_hh"], p["ln_hh_weight"], bias,
-            p["ln_cell_weight"], p["ln_cell_bias"], self.eps, self.cell_norm,
+            p["ln_cell_weight"], p["ln_cell_bias"], self.eps, self.cell_norm, **kw,
         )
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
@@ -455,10 +460,10 @@ class LayerNormGRU(_LNRNNBase):
     def _blocks(self) -> List[int]:
         return [2 * self.hidden_size, self.hidden_size]
 
-    def _recurrence(self, fns, xw_ln, lengths, state, p):
+    def _recurrence(self, fns, xw_ln, lengths, state, p, **kw):
         (h0,) = state
         return fns.gru_recurrence(
-            xw_ln, lengths, h0, p["weight_hh"], p["ln_hh_weight"], p["bias_ih"], p["bias_hh"], self.eps
+            xw_ln, lengths, h0, p["weight_hh"], p["ln_hh_weight"], p["bias_ih"], p["bias_hh"], self.eps, **kw
         )
 
     def forward(self, input, hx: Optional[Tensor] = None):

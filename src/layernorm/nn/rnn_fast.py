@@ -4,7 +4,7 @@ Same contract as :mod:`layernorm.nn.rnn_reference` (see its docstring): the modu
 time-parallel ``LN(W_ih x)`` for all steps and calls :func:`lstm_recurrence` / :func:`gru_recurrence`
 once per layer and direction. Here autograd sees ONE node per call, not a tape of ~20 ops per step.
 
-Two implementations of the same algorithm (forward saves per step only what the backward needs:
+Three implementations of the same algorithm (forward saves per step only what the backward needs:
 the normalized recurrent pre-activation, the gates after their non-linearity, the cell state and the
 layer-norm statistics; ``h_{t-1}`` is read back from the output; ``dW_hh`` is one GEMM after the loop):
 
@@ -17,10 +17,15 @@ layer-norm statistics; ``h_{t-1}`` is read back from the output; ``dW_hh`` is on
 ``"torch"``
     The same forward/backward written with torch ops per step in Python. Runs on any device
     (CUDA included) and is the fallback when the extension cannot be built (no compiler).
+``"triton"``
+    CUDA: per step the recurrent GEMM (cuBLAS) plus ONE fused Triton kernel for everything else,
+    forward and backward (``_rnn_triton.py``, imported only when chosen). CPU tensors only under
+    ``TRITON_INTERPRET=1`` (Triton's interpreter, for the tests). float16/bfloat16/float32/float64.
 
 Choice: argument ``impl=`` or the environment variable ``LAYERNORM_RNN_IMPL`` (``auto``, ``cpp``,
-``torch``); ``auto`` takes ``cpp`` for CPU float32/float64 tensors when the extension builds,
-otherwise ``torch``. Design notes and measurements: ``docs/rnn_fast.md``.
+``torch``, ``triton``); ``auto`` takes ``cpp`` for CPU float32/float64 tensors when the extension
+builds, ``triton`` for CUDA tensors when Triton imports, otherwise ``torch``. Design notes and
+measurements: ``docs/rnn_fast.md``.
 
 Example::
 
@@ -35,6 +40,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -46,7 +52,7 @@ from torch import Tensor
 
 __all__ = ["lstm_recurrence", "gru_recurrence", "cpp_extension_available", "IMPLS"]
 
-IMPLS = ("auto", "cpp", "torch")
+IMPLS = ("auto", "cpp", "torch", "triton")
 _ENV = "LAYERNORM_RNN_IMPL"
 _SRC = Path(__file__).with_name("_rnn_cpp") / "rnn.cpp"
 
@@ -104,12 +110,31 @@ def cpp_extension_available() -> bool:
     return _load_ext() is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _load_triton():
+    """(``_TritonImpl``, None), or (None, the error) when Triton does not import."""
+    try:
+        from ._rnn_triton import _TritonImpl
+    except Exception as exc:  # not installed, or a broken install: the torch path still works
+        return None, exc
+    return _TritonImpl, None
+
+
 def _pick_impl(impl: Optional[str], x: Tensor):
     choice = impl if impl is not None else os.environ.get(_ENV, "auto")
     if choice not in IMPLS:
         raise ValueError(f"impl (or ${_ENV}) must be one of {IMPLS}, but got {choice!r}")
     if choice == "torch":
         return _TorchImpl
+    if choice == "triton":
+        interpreted = x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        if x.device.type != "cuda" and not interpreted:
+            raise ValueError(f"impl='triton' needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                             f"but got tensors on {x.device}")
+        triton_impl, err = _load_triton()
+        if triton_impl is None:
+            raise RuntimeError(f"impl='triton' requested but triton does not import: {err}")
+        return triton_impl
     cpp_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if choice == "cpp":
         if not cpp_ok:
@@ -117,12 +142,80 @@ def _pick_impl(impl: Optional[str], x: Tensor):
         ext = _load_ext()
         if ext is None:
             raise RuntimeError(f"impl='cpp' requested but the C++ extension failed to build: {_ext_error}")
-        return ext
+        return _CppImpl(ext)
     if cpp_ok and os.environ.get(_ENV, "auto") != "torch":
         ext = _load_ext()
         if ext is not None:
-            return ext
+            return _CppImpl(ext)
+    if x.device.type == "cuda" and os.environ.get(_ENV, "auto") != "torch":
+        triton_impl, _ = _load_triton()
+        if triton_impl is not None:
+            return triton_impl
     return _TorchImpl
+
+
+class _CppImpl:
+    """The C++ recurrences (``_rnn_cpp/rnn.cpp``) behind the implementation interface.
+
+    Besides the four methods every implementation has, the C++ code can apply the input layer norm
+    itself (``fuses_input_ln``): given the gain ``g_ih``, ``xw`` is the raw projection ``W_ih x``
+    and is normalized row by row inside the time loop, which saves two passes over the (T, B, G*H)
+    projection each way and its normalized copy. The ``*_ln`` methods take and return the extra
+    tensors (forward: the input LN's statistics; backward: ``d g_ih``).
+    """
+
+    fuses_input_ln = True
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def __eq__(self, other):  # one adapter per extension, whatever the instance
+        return isinstance(other, _CppImpl) and other.ext is self.ext
+
+    def __hash__(self):
+        return hash(self.ext)
+
+    def lstm_forward(self, xw, lengths, h0, c0, w, g, bias, wc, bc, eps, cell_norm, save):
+        return self.ext.lstm_forward(xw, lengths, h0, c0, w, g, bias, wc, bc, eps, cell_norm, save, None)[:9]
+
+    def lstm_backward(self, *args):
+        return self.ext.lstm_backward(*args, None, None, None, None)[:8]
+
+    def gru_forward(self, xw, lengths, h0, w, g, bias_ih, bias_hh, eps, save):
+        return self.ext.gru_forward(xw, lengths, h0, w, g, bias_ih, bias_hh, eps, save, None)[:5]
+
+    def gru_backward(self, *args):
+        return self.ext.gru_backward(*args, None, None, None)[:6]
+
+    def lstm_forward_ln(self, xw, lengths, h0, c0, w, g, bias, wc, bc, eps, cell_norm, save, g_ih):
+        """-> out, h_n, c_n, *saved, mean_ih, rstd_ih (the last 8 only when ``save``)."""
+        return self.ext.lstm_forward(xw, lengths, h0, c0, w, g, bias, wc, bc, eps, cell_norm, save, g_ih)
+
+    def lstm_backward_ln(self, *args):
+        """lstm_backward's arguments, then xw, g_ih, mean_ih, rstd_ih -> its results, then d g_ih."""
+        return self.ext.lstm_backward(*args)
+
+    def gru_forward_ln(self, xw, lengths, h0, w, g, bias_ih, bias_hh, eps, save, g_ih):
+        """-> out, h_n, *saved, stats_ih (T, B, 4): per block (mean, rstd), r/u then n."""
+        return self.ext.gru_forward(xw, lengths, h0, w, g, bias_ih, bias_hh, eps, save, g_ih)
+
+    def gru_backward_ln(self, *args):
+        """gru_backward's arguments, then xw, g_ih, stats_ih -> its results, then d g_ih."""
+        return self.ext.gru_backward(*args)
+
+
+def _input_ln(xw: Tensor, g_ih: Tensor, blocks: Tuple[int, ...], eps: float) -> Tensor:
+    """LN(xw) over each block of the gate axis (gain g_ih, no shift), for implementations that do
+    not fuse it: the layer module's former ``_project`` step."""
+    from .. import functional as LF
+
+    if len(blocks) == 1:
+        return LF.layer_norm(xw, (blocks[0],), g_ih, None, eps).contiguous()       # (T, B, 4H)
+    parts, start = [], 0
+    for size in blocks:
+        parts.append(LF.layer_norm(xw[..., start:start + size], (size,), g_ih[start:start + size], None, eps))
+        start += size
+    return torch.cat(parts, dim=-1)                                                  # (T, B, 3H)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,41 +426,64 @@ class _TorchImpl:
 
 
 class _LSTMFunction(torch.autograd.Function):
+    # g_ih is not None only for an implementation that fuses the input LN (then xw is W_ih x, raw)
     @staticmethod
-    def forward(ctx, xw, h0, c0, w_hh, g_hh, bias, wc, bc, lengths, eps, cell_norm, impl):
-        out, h_n, c_n, *saved = impl.lstm_forward(xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, eps, cell_norm, True)
-        ctx.save_for_backward(h0, c0, w_hh, g_hh, wc, bc, out, *saved)
+    def forward(ctx, xw, h0, c0, w_hh, g_hh, bias, wc, bc, g_ih, lengths, eps, cell_norm, impl):
+        args = (xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, eps, cell_norm, True)
+        if g_ih is None:
+            out, h_n, c_n, *saved = impl.lstm_forward(*args)
+            ln_saved = ()
+        else:
+            out, h_n, c_n, *saved = impl.lstm_forward_ln(*args, g_ih)
+            saved, ln_saved = saved[:-2], (xw, g_ih, *saved[-2:])
+        ctx.save_for_backward(h0, c0, w_hh, g_hh, wc, bc, out, *saved, *ln_saved)
+        ctx.n_saved, ctx.fused = len(saved), g_ih is not None
         ctx.lengths, ctx.cell_norm, ctx.impl, ctx.has_bias = lengths, cell_norm, impl, bias is not None
         return out, h_n, c_n
 
     @staticmethod
     def backward(ctx, dout, dhn, dcn):
-        h0, c0, w_hh, g_hh, wc, bc, out, *saved = ctx.saved_tensors
-        dxw, dh0, dc0, dw, dg, db, dwc, dbc = ctx.impl.lstm_backward(
-            dout, dhn, dcn, ctx.lengths, h0, c0, w_hh, g_hh, wc, bc, out, *saved, ctx.cell_norm
-        )
+        h0, c0, w_hh, g_hh, wc, bc, out, *rest = ctx.saved_tensors
+        saved, ln_saved = rest[:ctx.n_saved], rest[ctx.n_saved:]
+        args = (dout, dhn, dcn, ctx.lengths, h0, c0, w_hh, g_hh, wc, bc, out, *saved, ctx.cell_norm)
+        if ctx.fused:
+            dxw, dh0, dc0, dw, dg, db, dwc, dbc, dg_ih = ctx.impl.lstm_backward_ln(*args, *ln_saved)
+        else:
+            (dxw, dh0, dc0, dw, dg, db, dwc, dbc), dg_ih = ctx.impl.lstm_backward(*args), None
         if not ctx.has_bias:
             db = None
         if not ctx.cell_norm:
             dwc = dbc = None
-        return dxw, dh0, dc0, dw, dg, db, dwc, dbc, None, None, None, None
+        return dxw, dh0, dc0, dw, dg, db, dwc, dbc, dg_ih, None, None, None, None
 
 
 class _GRUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xw, h0, w_hh, g_hh, bias_ih, bias_hh, lengths, eps, impl):
-        out, h_n, *saved = impl.gru_forward(xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, eps, True)
-        ctx.save_for_backward(h0, w_hh, g_hh, bias_hh, out, *saved)
+    def forward(ctx, xw, h0, w_hh, g_hh, bias_ih, bias_hh, g_ih, lengths, eps, impl):
+        args = (xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, eps, True)
+        if g_ih is None:
+            out, h_n, *saved = impl.gru_forward(*args)
+            ln_saved = ()
+        else:
+            out, h_n, *saved = impl.gru_forward_ln(*args, g_ih)
+            saved, ln_saved = saved[:-1], (xw, g_ih, saved[-1])
+        ctx.save_for_backward(h0, w_hh, g_hh, bias_hh, out, *saved, *ln_saved)
+        ctx.n_saved, ctx.fused = len(saved), g_ih is not None
         ctx.lengths, ctx.impl = lengths, impl
         ctx.has_bias = (bias_ih is not None, bias_hh is not None)
         return out, h_n
 
     @staticmethod
     def backward(ctx, dout, dhn):
-        h0, w_hh, g_hh, bias_hh, out, *saved = ctx.saved_tensors
-        dxw, dh0, dw, dg, dbih, dbhh = ctx.impl.gru_backward(dout, dhn, ctx.lengths, h0, w_hh, g_hh, bias_hh, out, *saved)
+        h0, w_hh, g_hh, bias_hh, out, *rest = ctx.saved_tensors
+        saved, ln_saved = rest[:ctx.n_saved], rest[ctx.n_saved:]
+        args = (dout, dhn, ctx.lengths, h0, w_hh, g_hh, bias_hh, out, *saved)
+        if ctx.fused:
+            dxw, dh0, dw, dg, dbih, dbhh, dg_ih = ctx.impl.gru_backward_ln(*args, *ln_saved)
+        else:
+            (dxw, dh0, dw, dg, dbih, dbhh), dg_ih = ctx.impl.gru_backward(*args), None
         return (dxw, dh0, dw, dg, dbih if ctx.has_bias[0] else None, dbhh if ctx.has_bias[1] else None,
-                None, None, None)
+                dg_ih, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,6 +529,7 @@ def lstm_recurrence(
     eps: float,
     cell_norm: bool,
     impl: Optional[str] = None,
+    ln_ih_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""The LN-LSTM recurrence over ``T`` steps (contract: :func:`layernorm.nn.rnn_reference.lstm_recurrence`).
 
@@ -426,7 +543,10 @@ def lstm_recurrence(
         lengths: int64 (B,) in [0, T], any order, or None (every sequence has T steps).
         h0, c0: (B, H). w_hh: (4H, H). ln_hh_weight: (4H,). bias: (4H,) or None.
         ln_cell_weight, ln_cell_bias: (H,); ignored (may be None) when ``cell_norm`` is False.
-        impl: ``"auto"``, ``"cpp"``, ``"torch"`` or None (= ``$LAYERNORM_RNN_IMPL`` or auto).
+        ln_ih_weight: (4H,) or None. Given, ``xw_ln`` is the raw projection ``W_ih x`` and
+            ``LN(xw_ln) * ln_ih_weight`` is taken here: inside the C++ time loop, or before it by
+            :func:`layernorm.functional.layer_norm` for the other implementations.
+        impl: ``"auto"``, ``"cpp"``, ``"torch"``, ``"triton"`` or None (= ``$LAYERNORM_RNN_IMPL`` or auto).
 
     Returns:
         out (T, B, H), zero past each length; h_n, c_n (B, H), the state after each sequence's last step.
@@ -448,16 +568,19 @@ def lstm_recurrence(
         ln_cell_bias = _check("ln_cell_bias", ln_cell_bias, (H,), xw_ln)
     else:
         ln_cell_weight = ln_cell_bias = None
+    ln_ih_weight = _check("ln_ih_weight", ln_ih_weight, (H4,), xw_ln)
     lengths = _check_lengths(lengths, T, B)
     eps, cell_norm = float(eps), bool(cell_norm)
     imp = _pick_impl(impl, xw_ln)
-    if not _needs_grad(xw_ln, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight, ln_cell_bias):
+    if ln_ih_weight is not None and not getattr(imp, "fuses_input_ln", False):
+        xw_ln, ln_ih_weight = _input_ln(xw_ln, ln_ih_weight, (H4,), eps), None
+    if not _needs_grad(xw_ln, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight, ln_cell_bias, ln_ih_weight):
+        args = (xw_ln, lengths, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight, ln_cell_bias, eps, cell_norm, False)
         with torch.no_grad():  # inference: nothing saved, one step of scratch
-            out, h_n, c_n = imp.lstm_forward(xw_ln, lengths, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight,
-                                             ln_cell_bias, eps, cell_norm, False)[:3]
-        return out, h_n, c_n
-    return _LSTMFunction.apply(xw_ln, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight, ln_cell_bias, lengths,
-                               eps, cell_norm, imp)
+            res = imp.lstm_forward(*args) if ln_ih_weight is None else imp.lstm_forward_ln(*args, ln_ih_weight)
+        return res[0], res[1], res[2]
+    return _LSTMFunction.apply(xw_ln, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight, ln_cell_bias, ln_ih_weight,
+                               lengths, eps, cell_norm, imp)
 
 
 def gru_recurrence(
@@ -470,6 +593,7 @@ def gru_recurrence(
     bias_hh: Optional[Tensor],
     eps: float,
     impl: Optional[str] = None,
+    ln_ih_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     r"""The LN-GRU recurrence over ``T`` steps (contract: :func:`layernorm.nn.rnn_reference.gru_recurrence`).
 
@@ -481,6 +605,7 @@ def gru_recurrence(
     Args:
         xw_ln: (T, B, 3H), gates r, u, n. lengths: as :func:`lstm_recurrence`. h0: (B, H).
         w_hh: (3H, H). ln_hh_weight: (3H,). bias_ih, bias_hh: (3H,) or None. impl: as above.
+        ln_ih_weight: (3H,) or None: as :func:`lstm_recurrence`, one LN over [0, 2H), one over [2H, 3H).
 
     Returns:
         out (T, B, H), zero past each length; h_n (B, H).
@@ -495,14 +620,18 @@ def gru_recurrence(
     ln_hh_weight = _check("ln_hh_weight", ln_hh_weight, (H3,), xw_ln)
     bias_ih = _check("bias_ih", bias_ih, (H3,), xw_ln)
     bias_hh = _check("bias_hh", bias_hh, (H3,), xw_ln)
+    ln_ih_weight = _check("ln_ih_weight", ln_ih_weight, (H3,), xw_ln)
     lengths = _check_lengths(lengths, T, B)
     eps = float(eps)
     imp = _pick_impl(impl, xw_ln)
-    if not _needs_grad(xw_ln, h0, w_hh, ln_hh_weight, bias_ih, bias_hh):
+    if ln_ih_weight is not None and not getattr(imp, "fuses_input_ln", False):
+        xw_ln, ln_ih_weight = _input_ln(xw_ln, ln_ih_weight, (2 * H, H), eps), None
+    if not _needs_grad(xw_ln, h0, w_hh, ln_hh_weight, bias_ih, bias_hh, ln_ih_weight):
+        args = (xw_ln, lengths, h0, w_hh, ln_hh_weight, bias_ih, bias_hh, eps, False)
         with torch.no_grad():
-            out, h_n = imp.gru_forward(xw_ln, lengths, h0, w_hh, ln_hh_weight, bias_ih, bias_hh, eps, False)[:2]
-        return out, h_n
-    return _GRUFunction.apply(xw_ln, h0, w_hh, ln_hh_weight, bias_ih, bias_hh, lengths, eps, imp)
+            res = imp.gru_forward(*args) if ln_ih_weight is None else imp.gru_forward_ln(*args, ln_ih_weight)
+        return res[0], res[1]
+    return _GRUFunction.apply(xw_ln, h0, w_hh, ln_hh_weight, bias_ih, bias_hh, ln_ih_weight, lengths, eps, imp)
 
 
 # ------------------------------------------------------------------------------------------------

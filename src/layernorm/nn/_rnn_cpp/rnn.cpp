@@ -1,9 +1,9 @@
 // Fused CPU recurrences of the layer-normalized LSTM and GRU (forward and hand-written backward).
 //
 // The equations are those of layernorm/nn/rnn_reference.py. Per time step the recurrent GEMM goes to
-// ATen (at::mm_out / at::addmm_out, MKL on torch's own OpenMP pool) and everything else -- the layer
-// norm of the GEMM result, gate activations, the cell update and the cell layer norm -- is ONE pass
-// per batch row over a few kilobytes that stay in L1. The backward runs the time loop in reverse
+// MKL's packed GEMM, with W_hh packed once per call (else to ATen's mm), on torch's own OpenMP pool,
+// and everything else -- the layer norm of the GEMM result, gate activations, the cell update and
+// the cell layer norm -- is ONE pass per batch row over a few kilobytes that stay in L1. The backward runs the time loop in reverse
 // with one GEMM per step for dh; dW_hh is one large GEMM after the loop over all steps.
 //
 // exp/tanh are written out as polynomials (Cephes constants, ~2 ulp) because calls to libm stop gcc
@@ -17,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
+#include <sys/mman.h>
 #include <vector>
 
 namespace {
@@ -93,6 +95,25 @@ inline void ln_backward_row(const T* g, const T* xhat, int64_t n, T rstd, T* dx)
   for (int64_t k = 0; k < n; ++k) dx[k] = rstd * (g[k] - m1 - xhat[k] * m2);
 }
 
+// at::empty for the large per-call buffers (the saved per-step tensors, dxw, dhw: megabytes each).
+// glibc serves them with a fresh mmap and returns them to the OS when freed, so every call
+// page-faults them in again, 4 KiB at a time: perf showed the faults costing as much as the row
+// passes of the forward. Asking for transparent huge pages on the buffer (as PyTorch's own
+// THP_MEM_ALLOC_ENABLE does) before its first touch turns ~500 faults per 2 MiB into one. Only
+// whole 2 MiB pages inside the buffer are advised; small buffers and kernels without THP are left
+// as they are (madvise then fails harmlessly).
+at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  auto t = at::empty(sizes, opts);
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t hi = lo + t.nbytes();
+  const uintptr_t a = (lo + kHuge - 1) & ~(kHuge - 1), b = hi & ~(kHuge - 1);
+  if (t.nbytes() >= 4 * kHuge && b > a) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
 inline int64_t grain_for(int64_t B, int64_t H) {
   // rows are ~5H flops*10 each; only split when a chunk is worth a thread wake-up (~ a few us)
   return std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1));
@@ -108,40 +129,117 @@ std::vector<int64_t> lengths_vec(const c10::optional<at::Tensor>& lengths, int64
   return L;
 }
 
+
+// ----------------------------------------------------------------------------------------------
+// The per-step recurrent GEMM
+// ----------------------------------------------------------------------------------------------
+
+// MKL's packed-GEMM API, exported by torch's MKL-enabled x86 builds. Declared weak: where torch has
+// no MKL (Arm, macOS, some source builds) the pointers are null and StepGemm falls back to ATen.
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
+
+bool packed_gemm_enabled() {
+  if (cblas_sgemm_pack_get_size == nullptr || cblas_sgemm_pack == nullptr || cblas_sgemm_compute == nullptr)
+    return false;
+  const char* e = std::getenv("LAYERNORM_RNN_PACKED_GEMM");
+  return !(e != nullptr && e[0] == '0');
+}
+
+// out = a @ op(W) (+ out when accumulating) at every step, with W fixed for the whole loop.
+// A (B x K) by (K x N) product with small B re-packs all of W into the GEMM's panel layout on every
+// call. With `pack` and MKL, W is packed once per call (cblas_sgemm_pack) and reused at every step
+// (cblas_sgemm_compute): the same GEMM and the same bits (checked), minus the repeated packing.
+// Measured at H = 256 (1 thread, CPU time): forward h W_hh^T (K = H, N = 4H) 7% faster at B = 32
+// and 10% at B = 1; backward dhw W_hh (K = 4H, N = H) 2-5% slower, so the backward does not pack.
+// Otherwise ATen's mm on a contiguous copy of op(W).
+class StepGemm {
+ public:
+  // forward: op(W) = W^T with W (N x K) = W_hh (4H x H);  backward: op(W) = W = W_hh (K x N).
+  StepGemm(const at::Tensor& w, bool transpose, int64_t m, bool pack) : m_(m) {
+    k_ = transpose ? w.size(1) : w.size(0);
+    n_ = transpose ? w.size(0) : w.size(1);
+    const bool fits = m < (1 << 30) && k_ < (1 << 30) && n_ < (1 << 30);
+    if (pack && w.scalar_type() == at::kFloat && m > 0 && fits && packed_gemm_enabled()) {
+      auto wc = w.contiguous();
+      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n_), int(k_));
+      packed_ = at::empty({int64_t(bytes / sizeof(float)) + 16}, w.options());
+      cblas_sgemm_pack(kRowMajor, kBMatrix, transpose ? kTrans : kNoTrans, int(m), int(n_), int(k_), 1.0f,
+                       wc.data_ptr<float>(), int(wc.size(1)), packed_.data_ptr<float>());
+    } else {
+      w_ = transpose ? w.t().contiguous() : w.contiguous();  // (K, N): a transposed view ran ~1.5x slower
+    }
+  }
+  // out (m x N) = a (m x K) @ op(W), plus out's previous value when accumulate.
+  void run(const at::Tensor& a, at::Tensor& out, bool accumulate) const {
+    if (packed_.defined()) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a.data_ptr<float>(),
+                          int(a.stride(0)), packed_.data_ptr<float>(), int(n_), accumulate ? 1.0f : 0.0f,
+                          out.data_ptr<float>(), int(out.stride(0)));
+    } else if (accumulate) {
+      out.addmm_(a, w_);
+    } else {
+      at::mm_out(out, a, w_);
+    }
+  }
+
+ private:
+  int64_t m_, k_ = 0, n_ = 0;
+  at::Tensor packed_, w_;
+};
+
 // ----------------------------------------------------------------------------------------------
 // LSTM
 // ----------------------------------------------------------------------------------------------
 
 // Saved for backward (per step, per row): hw_hat (4H), gates after activation (4H), c (H),
-// rstd of the recurrent LN, mean and rstd of the cell LN. h_{t-1} is read back from `out`.
+// rstd of the recurrent LN, mean and rstd of the cell LN, and with g_ih the mean and rstd of the
+// input LN. h_{t-1} is read back from `out`.
+//
+// g_ih (4H) given: xw is the raw input projection W_ih x and its layer norm (gain g_ih, no shift)
+// is computed here, in the row pass that reads xw anyway, instead of by a separate layer_norm over
+// the whole (T, B, 4H) tensor before the loop (and its backward after it): two fewer passes over
+// T*B*4H values each way, and no normalized copy of xw in memory.
 std::vector<at::Tensor> lstm_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& lengths,
                                      const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
                                      const at::Tensor& g_hh, const c10::optional<at::Tensor>& bias,
                                      const c10::optional<at::Tensor>& wc, const c10::optional<at::Tensor>& bc,
-                                     double eps, bool cell_norm, bool save) {
+                                     double eps, bool cell_norm, bool save, const c10::optional<at::Tensor>& g_ih) {
   const int64_t T = xw.size(0), B = xw.size(1), H4 = xw.size(2), H = H4 / 4;
   auto opts = xw.options();
-  auto out = at::empty({T, B, H}, opts);
+  auto out = empty_big({T, B, H}, opts);
   auto h = h0.contiguous().clone();
   auto c = c0.contiguous().clone();
   auto hw = at::empty({B, H4}, opts);
-  at::Tensor hw_hat, gates, cs, rstd1, mean2, rstd2;
+  const bool ln_ih = g_ih.has_value() && g_ih->defined();
+  at::Tensor hw_hat, gates, cs, rstd1, mean2, rstd2, mean_ih, rstd_ih;
   if (save) {
-    hw_hat = at::empty({T, B, H4}, opts);
-    gates = at::empty({T, B, H4}, opts);
-    cs = at::empty({T, B, H}, opts);
+    hw_hat = empty_big({T, B, H4}, opts);
+    gates = empty_big({T, B, H4}, opts);
+    cs = empty_big({T, B, H}, opts);
     rstd1 = at::empty({T, B}, opts);
     mean2 = at::empty({T, B}, opts);
     rstd2 = at::empty({T, B}, opts);
+    if (ln_ih) {
+      mean_ih = at::empty({T, B}, opts);
+      rstd_ih = at::empty({T, B}, opts);
+    }
   } else {  // inference: only a one-step scratch
     hw_hat = at::empty({1, B, H4}, opts);
     gates = at::empty({1, B, H4}, opts);
   }
   const auto L = lengths_vec(lengths, B, T);
-  // one contiguous copy of W_hh^T per call: the per-step GEMV on a transposed view ran ~1.5x slower
-  const auto wt = w_hh.t().contiguous();
+  const StepGemm gemm(w_hh, /*transpose=*/true, B, /*pack=*/true);
   const bool has_bias = bias.has_value() && bias->defined();
   at::Tensor bias_c = has_bias ? bias->contiguous() : at::zeros({H4}, opts);  // no branch in the row loop
+  // without g_ih the row loop runs the same code with mean 0, rstd 1 and gain 1: x - 0 and x * 1 are exact
+  at::Tensor gih_c = ln_ih ? g_ih->contiguous() : at::ones({H4}, opts);
   at::Tensor wc_c = cell_norm ? wc->contiguous() : at::Tensor();
   at::Tensor bc_c = cell_norm ? bc->contiguous() : at::Tensor();
   auto g_c = g_hh.contiguous();
@@ -151,6 +249,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& xw, const c10::optional<a
     const T_* xw_p = xw.data_ptr<T_>();
     const T_* g_p = g_c.data_ptr<T_>();
     const T_* b_p = bias_c.data_ptr<T_>();
+    const T_* gi_p = gih_c.data_ptr<T_>();
     const T_* wc_p = cell_norm ? wc_c.data_ptr<T_>() : nullptr;
     const T_* bc_p = cell_norm ? bc_c.data_ptr<T_>() : nullptr;
     T_* out_p = out.data_ptr<T_>();
@@ -158,7 +257,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& xw, const c10::optional<a
     T_* c_p = c.data_ptr<T_>();
     const T_* hw_p = hw.data_ptr<T_>();
     for (int64_t t = 0; t < T; ++t) {
-      at::mm_out(hw, h, wt);  // (B, 4H)
+      gemm.run(h, hw, false);  // (B, 4H) = h W_hh^T
       const int64_t ts = save ? t : 0;
       T_* hh_t = hw_hat.data_ptr<T_>() + ts * B * H4;
       T_* ga_t = gates.data_ptr<T_>() + ts * B * H4;
@@ -174,6 +273,10 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& xw, const c10::optional<a
               rstd1.data_ptr<T_>()[t * B + b] = 0;
               mean2.data_ptr<T_>()[t * B + b] = 0;
               rstd2.data_ptr<T_>()[t * B + b] = 0;
+              if (ln_ih) {
+                mean_ih.data_ptr<T_>()[t * B + b] = 0;
+                rstd_ih.data_ptr<T_>()[t * B + b] = 0;
+              }
             }
             continue;
           }
@@ -181,13 +284,20 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& xw, const c10::optional<a
           const T_* xr = xw_p + (t * B + b) * H4;
           T_* hh = hh_t + b * H4;
           T_* ga = ga_t + b * H4;
-          T_ m1, r1;
+          T_ m1, r1, mx = 0, rx = 1;
           row_stats(hwr, H4, eps, m1, r1);
+          if (ln_ih) {
+            row_stats(xr, H4, eps, mx, rx);
+            if (save) {
+              mean_ih.data_ptr<T_>()[t * B + b] = mx;
+              rstd_ih.data_ptr<T_>()[t * B + b] = rx;
+            }
+          }
 #pragma omp simd
           for (int64_t k = 0; k < H4; ++k) {
             const T_ xh = (hwr[k] - m1) * r1;
             hh[k] = xh;
-            ga[k] = xh * g_p[k] + xr[k] + b_p[k];
+            ga[k] = xh * g_p[k] + (xr[k] - mx) * rx * gi_p[k] + b_p[k];
           }
 #pragma omp simd
           for (int64_t k = 0; k < H; ++k) {  // activations i, f, o sigmoid; g tanh
@@ -231,28 +341,45 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& xw, const c10::optional<a
   };
   if (xw.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
   if (!save) return {out, h, c};
-  return {out, h, c, hw_hat, gates, cs, rstd1, mean2, rstd2};
+  return {out, h, c, hw_hat, gates, cs, rstd1, mean2, rstd2, mean_ih, rstd_ih};
 }
 
-// Returns dxw, dh0, dc0, dw_hh, dg_hh, dbias, dwc, dbc.
+// Returns dxw, dh0, dc0, dw_hh, dg_hh, dbias, dwc, dbc, dg_ih (undefined without g_ih). With g_ih,
+// xw is the raw projection the forward was given, and dxw is its gradient (through the input LN).
 std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhn, const at::Tensor& dcn,
                                       const c10::optional<at::Tensor>& lengths, const at::Tensor& h0,
                                       const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& g_hh,
                                       const c10::optional<at::Tensor>& wc, const c10::optional<at::Tensor>& bc,
                                       const at::Tensor& out, const at::Tensor& hw_hat, const at::Tensor& gates,
                                       const at::Tensor& cs, const at::Tensor& rstd1, const at::Tensor& mean2,
-                                      const at::Tensor& rstd2, bool cell_norm) {
+                                      const at::Tensor& rstd2, bool cell_norm, const c10::optional<at::Tensor>& xw,
+                                      const c10::optional<at::Tensor>& g_ih,
+                                      const c10::optional<at::Tensor>& mean_ih,
+                                      const c10::optional<at::Tensor>& rstd_ih) {
   const int64_t T = gates.size(0), B = gates.size(1), H4 = gates.size(2), H = H4 / 4;
+  const bool ln_ih = g_ih.has_value() && g_ih->defined();
   auto opts = gates.options();
   auto dout = dout_in.contiguous();
-  auto dxw = at::empty({T, B, H4}, opts);
-  auto dhw = at::empty({T, B, H4}, opts);
+  auto dxw = empty_big({T, B, H4}, opts);
+  auto dhw = empty_big({T, B, H4}, opts);
   auto dh = dhn.contiguous().clone();  // carried dL/dh_t
   auto dc = dcn.contiguous().clone();  // carried dL/dc_t
-  auto direct = at::empty({B, H}, opts);  // the part of dh_{t-1} that bypasses the GEMM
+  // The row pass overwrites each row of dh with the part of dh_{t-1} that bypasses the GEMM (the
+  // GRU's u*dh, or the unchanged dh of a row past its length), after its last read of that row;
+  // the GEMM then adds dhw_t W_hh in place.
+  const StepGemm gemm(w_hh, /*transpose=*/false, B, /*pack=*/false);
   auto acc_g = at::zeros({B, H4}, opts);  // per-row partial sums: deterministic for any split
+  auto acc_b = at::zeros({B, H4}, opts);
   auto acc_wc = at::zeros({B, H}, opts);
   auto acc_bc = at::zeros({B, H}, opts);
+  at::Tensor acc_gih, xw_c, gih_c, mih_c, rih_c;
+  if (ln_ih) {
+    acc_gih = at::zeros({B, H4}, opts);
+    xw_c = xw->contiguous();
+    gih_c = g_ih->contiguous();
+    mih_c = mean_ih->contiguous();
+    rih_c = rstd_ih->contiguous();
+  }
   const auto L = lengths_vec(lengths, B, T);
   auto g_c = g_hh.contiguous();
   auto c0_c = c0.contiguous();
@@ -276,31 +403,36 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
     T_* dhw_p = dhw.data_ptr<T_>();
     T_* dh_p = dh.data_ptr<T_>();
     T_* dc_p = dc.data_ptr<T_>();
-    T_* dir_p = direct.data_ptr<T_>();
     T_* ag_p = acc_g.data_ptr<T_>();
+    T_* ab_p = acc_b.data_ptr<T_>();
     T_* awc_p = acc_wc.data_ptr<T_>();
     T_* abc_p = acc_bc.data_ptr<T_>();
+    const T_* xw_p = ln_ih ? xw_c.data_ptr<T_>() : nullptr;
+    const T_* gih_p = ln_ih ? gih_c.data_ptr<T_>() : nullptr;
+    const T_* mih_p = ln_ih ? mih_c.data_ptr<T_>() : nullptr;
+    const T_* rih_p = ln_ih ? rih_c.data_ptr<T_>() : nullptr;
+    T_* agi_p = ln_ih ? acc_gih.data_ptr<T_>() : nullptr;
     for (int64_t t = T - 1; t >= 0; --t) {
       at::parallel_for(0, B, grain_for(B, H), [&](int64_t b0, int64_t b1) {
-        std::vector<T_> buf(H4 + 2 * H);
-        T_* dA = nullptr;
+        std::vector<T_> buf(2 * H + H4 + (ln_ih ? 2 * H4 : 0));
         T_* dch = buf.data();      // d c_hat (H)
         T_* dov = dch + H;         // d o after activation (H)
-        T_* dhh = dov + H;         // d hw_hat (4H)
+        T_* dhh = dov + H;         // d hw_hat (4H); then d of the input LN's x_hat
+        T_* dAb = dhh + H4;        // with g_ih: the gate gradient dA (4H) ...
+        T_* xih = dAb + H4;        // ... and the input LN's x_hat (4H)
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t tb = t * B + b;
           T_* dxr = dxw_p + tb * H4;
           T_* dhr = dhw_p + tb * H4;
           T_* dhc = dh_p + b * H;
           T_* dcc = dc_p + b * H;
-          T_* dir = dir_p + b * H;
           if (t >= L[b]) {  // padding step: gradients pass through the frozen state untouched
             std::memset(dxr, 0, H4 * sizeof(T_));
             std::memset(dhr, 0, H4 * sizeof(T_));
-            std::memcpy(dir, dhc, H * sizeof(T_));
+            // dh stays as it is: it is this row's `direct`
             continue;
           }
-          dA = dxr;
+          T_* dA = ln_ih ? dAb : dxr;  // without the input LN, dA is dxw itself
           const T_* ga = ga_p + tb * H4;
           const T_* hh = hh_p + tb * H4;
           const T_* cr = cs_p + tb * H;
@@ -352,19 +484,35 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             dA[2 * H + k] = dcv * gi[k] * (T_(1) - gg[k] * gg[k]);
             dA[3 * H + k] = dov[k] * go[k] * (T_(1) - go[k]);
             dcc[k] = dcv * gf[k];
-            dir[k] = T_(0);
+            dhc[k] = T_(0);  // dh_{t-1} of this row: only the GEMM's part
           }
           T_* ag = ag_p + b * H4;
+          T_* ab = ab_p + b * H4;
 #pragma omp simd
           for (int64_t k = 0; k < H4; ++k) {
             ag[k] += dA[k] * hh[k];
+            ab[k] += dA[k];
             dhh[k] = dA[k] * g_p[k];
           }
           ln_backward_row(dhh, hh, H4, r1_p[tb], dhr);
+          if (ln_ih) {  // dA is the gradient of LN(xw) g_ih: back through the input LN
+            const T_* xr = xw_p + tb * H4;
+            const T_ mx = mih_p[tb], rx = rih_p[tb];
+            T_* agi = agi_p + b * H4;
+#pragma omp simd
+            for (int64_t k = 0; k < H4; ++k) {
+              const T_ xh = (xr[k] - mx) * rx;
+              xih[k] = xh;
+              agi[k] += dA[k] * xh;
+              dhh[k] = dA[k] * gih_p[k];
+            }
+            ln_backward_row(dhh, xih, H4, rx, dxr);
+          }
         }
       });
-      // dh_{t-1} = dhw_t @ W_hh + direct  (direct: the carried dh of rows already past their end)
-      at::addmm_out(dh, direct, dhw[t], w_hh);
+      // dh_{t-1} = direct + dhw_t @ W_hh  (direct, already in dh: 0, or the dh of rows past their end)
+      auto dhw_t = dhw[t];
+      gemm.run(dhw_t, dh, true);
     }
   };
   if (gates.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
@@ -374,41 +522,45 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   if (T > 1) hprev.narrow(0, 1, T - 1).copy_(out.narrow(0, 0, T - 1));
   auto dw = at::mm(dhw.view({T * B, H4}).t(), hprev.view({T * B, H}));
   auto dg = acc_g.sum(0);
-  auto dbias = dxw.view({T * B, H4}).sum(0);
-  at::Tensor dwc, dbc;
+  auto dbias = acc_b.sum(0);
+  at::Tensor dwc, dbc, dg_ih;
   if (cell_norm) {
     dwc = acc_wc.sum(0);
     dbc = acc_bc.sum(0);
   }
-  return {dxw, dh, dc, dw, dg, dbias, dwc, dbc};
+  if (ln_ih) dg_ih = acc_gih.sum(0);
+  return {dxw, dh, dc, dw, dg, dbias, dwc, dbc, dg_ih};
 }
 
 // ----------------------------------------------------------------------------------------------
 // GRU
 // ----------------------------------------------------------------------------------------------
 
-// Saved: hw_hat (3H, normalized per block), gates r, u, n after activation (3H), rstd of both blocks.
+// Saved: hw_hat (3H, normalized per block), gates r, u, n after activation (3H), rstd of both blocks,
+// and with g_ih (3H; see lstm_forward) the input LN's (mean, rstd) of both blocks, (T, B, 4).
 std::vector<at::Tensor> gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& lengths,
                                     const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& g_hh,
                                     const c10::optional<at::Tensor>& bias_ih,
-                                    const c10::optional<at::Tensor>& bias_hh, double eps, bool save) {
+                                    const c10::optional<at::Tensor>& bias_hh, double eps, bool save,
+                                    const c10::optional<at::Tensor>& g_ih) {
   const int64_t T = xw.size(0), B = xw.size(1), H3 = xw.size(2), H = H3 / 3, H2 = 2 * H;
   auto opts = xw.options();
-  auto out = at::empty({T, B, H}, opts);
+  auto out = empty_big({T, B, H}, opts);
   auto h = h0.contiguous().clone();
   auto hw = at::empty({B, H3}, opts);
-  at::Tensor hw_hat, gates, rstd;
+  const bool ln_ih = g_ih.has_value() && g_ih->defined();
+  at::Tensor hw_hat, gates, rstd, stats_ih;
   if (save) {
-    hw_hat = at::empty({T, B, H3}, opts);
-    gates = at::empty({T, B, H3}, opts);
+    hw_hat = empty_big({T, B, H3}, opts);
+    gates = empty_big({T, B, H3}, opts);
     rstd = at::empty({T, B, 2}, opts);
+    if (ln_ih) stats_ih = at::empty({T, B, 4}, opts);
   } else {
     hw_hat = at::empty({1, B, H3}, opts);
     gates = at::empty({1, B, H3}, opts);
   }
   const auto L = lengths_vec(lengths, B, T);
-  // one contiguous copy of W_hh^T per call: the per-step GEMV on a transposed view ran ~1.5x slower
-  const auto wt = w_hh.t().contiguous();
+  const StepGemm gemm(w_hh, /*transpose=*/true, B, /*pack=*/true);
   // b_ih and b_hh add up everywhere except b_hh's candidate slice, which sits inside r * (.)
   auto bx = at::zeros({H3}, opts);
   auto bn = at::zeros({H}, opts);
@@ -418,18 +570,20 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& xw, const c10::optional<at
     bn.copy_(bias_hh->narrow(0, H2, H));
   }
   auto g_c = g_hh.contiguous();
+  at::Tensor gih_c = ln_ih ? g_ih->contiguous() : at::ones({H3}, opts);  // as lstm_forward
 
   auto body = [&](auto tag_) {
     using T_ = decltype(tag_);
     const T_* xw_p = xw.data_ptr<T_>();
     const T_* g_p = g_c.data_ptr<T_>();
+    const T_* gi_p = gih_c.data_ptr<T_>();
     const T_* bx_p = bx.data_ptr<T_>();
     const T_* bn_p = bn.data_ptr<T_>();
     T_* out_p = out.data_ptr<T_>();
     T_* h_p = h.data_ptr<T_>();
     const T_* hw_p = hw.data_ptr<T_>();
     for (int64_t t = 0; t < T; ++t) {
-      at::mm_out(hw, h, wt);  // (B, 3H)
+      gemm.run(h, hw, false);  // (B, 3H) = h W_hh^T
       const int64_t ts = save ? t : 0;
       T_* hh_t = hw_hat.data_ptr<T_>() + ts * B * H3;
       T_* ga_t = gates.data_ptr<T_>() + ts * B * H3;
@@ -445,26 +599,36 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& xw, const c10::optional<at
               std::memset(ga, 0, H3 * sizeof(T_));
               rstd.data_ptr<T_>()[(t * B + b) * 2] = 0;
               rstd.data_ptr<T_>()[(t * B + b) * 2 + 1] = 0;
+              if (ln_ih) std::memset(stats_ih.data_ptr<T_>() + (t * B + b) * 4, 0, 4 * sizeof(T_));
             }
             continue;
           }
           const T_* hwr = hw_p + b * H3;
           const T_* xr = xw_p + (t * B + b) * H3;
-          T_ ma, ra, mb, rb;
+          T_ ma, ra, mb, rb, mxa = 0, rxa = 1, mxb = 0, rxb = 1;
           row_stats(hwr, H2, eps, ma, ra);
           row_stats(hwr + H2, H, eps, mb, rb);
+          if (ln_ih) {
+            row_stats(xr, H2, eps, mxa, rxa);
+            row_stats(xr + H2, H, eps, mxb, rxb);
+            if (save) {
+              T_* st = stats_ih.data_ptr<T_>() + (t * B + b) * 4;
+              st[0] = mxa, st[1] = rxa, st[2] = mxb, st[3] = rxb;
+            }
+          }
 #pragma omp simd
           for (int64_t k = 0; k < H2; ++k) {
             const T_ xh = (hwr[k] - ma) * ra;
             hh[k] = xh;
-            ga[k] = t_sigmoid<T_>(xh * g_p[k] + xr[k] + bx_p[k]);
+            ga[k] = t_sigmoid<T_>(xh * g_p[k] + (xr[k] - mxa) * rxa * gi_p[k] + bx_p[k]);
           }
           T_* hr = h_p + b * H;
 #pragma omp simd
           for (int64_t k = 0; k < H; ++k) {
             const T_ xh = (hwr[H2 + k] - mb) * rb;
             hh[H2 + k] = xh;
-            const T_ n = t_tanh<T_>(xr[H2 + k] + bx_p[H2 + k] + ga[k] * (xh * g_p[H2 + k] + bn_p[k]));
+            const T_ xn = (xr[H2 + k] - mxb) * rxb * gi_p[H2 + k];
+            const T_ n = t_tanh<T_>(xn + bx_p[H2 + k] + ga[k] * (xh * g_p[H2 + k] + bn_p[k]));
             ga[H2 + k] = n;
             const T_ u = ga[H + k];
             const T_ v = u * hr[k] + (T_(1) - u) * n;
@@ -481,24 +645,35 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& xw, const c10::optional<at
   };
   if (xw.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
   if (!save) return {out, h};
-  return {out, h, hw_hat, gates, rstd};
+  return {out, h, hw_hat, gates, rstd, stats_ih};
 }
 
-// Returns dxw, dh0, dw_hh, dg_hh, dbias_ih, dbias_hh.
+// Returns dxw, dh0, dw_hh, dg_hh, dbias_ih, dbias_hh, dg_ih (undefined without g_ih; see lstm_backward).
 std::vector<at::Tensor> gru_backward(const at::Tensor& dout_in, const at::Tensor& dhn,
                                      const c10::optional<at::Tensor>& lengths, const at::Tensor& h0,
                                      const at::Tensor& w_hh, const at::Tensor& g_hh,
                                      const c10::optional<at::Tensor>& bias_hh, const at::Tensor& out,
-                                     const at::Tensor& hw_hat, const at::Tensor& gates, const at::Tensor& rstd) {
+                                     const at::Tensor& hw_hat, const at::Tensor& gates, const at::Tensor& rstd,
+                                     const c10::optional<at::Tensor>& xw, const c10::optional<at::Tensor>& g_ih,
+                                     const c10::optional<at::Tensor>& stats_ih) {
   const int64_t T = gates.size(0), B = gates.size(1), H3 = gates.size(2), H = H3 / 3, H2 = 2 * H;
+  const bool ln_ih = g_ih.has_value() && g_ih->defined();
   auto opts = gates.options();
   auto dout = dout_in.contiguous();
-  auto dxw = at::empty({T, B, H3}, opts);
-  auto dhw = at::empty({T, B, H3}, opts);
+  auto dxw = empty_big({T, B, H3}, opts);
+  auto dhw = empty_big({T, B, H3}, opts);
   auto dh = dhn.contiguous().clone();
-  auto direct = at::empty({B, H}, opts);
+  const StepGemm gemm(w_hh, /*transpose=*/false, B, /*pack=*/false);  // dh_{t-1} = direct + dhw_t W_hh, as the LSTM
   auto acc_g = at::zeros({B, H3}, opts);
+  auto acc_b = at::zeros({B, H3}, opts);   // d b_ih
   auto acc_bn = at::zeros({B, H}, opts);  // d b_hh[2H:]
+  at::Tensor acc_gih, xw_c, gih_c, sih_c;
+  if (ln_ih) {
+    acc_gih = at::zeros({B, H3}, opts);
+    xw_c = xw->contiguous();
+    gih_c = g_ih->contiguous();
+    sih_c = stats_ih->contiguous();
+  }
   const auto L = lengths_vec(lengths, B, T);
   auto g_c = g_hh.contiguous();
   auto bn = at::zeros({H}, opts);
@@ -519,25 +694,31 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& dout_in, const at::Tensor
     T_* dxw_p = dxw.data_ptr<T_>();
     T_* dhw_p = dhw.data_ptr<T_>();
     T_* dh_p = dh.data_ptr<T_>();
-    T_* dir_p = direct.data_ptr<T_>();
     T_* ag_p = acc_g.data_ptr<T_>();
+    T_* ab_p = acc_b.data_ptr<T_>();
     T_* abn_p = acc_bn.data_ptr<T_>();
+    const T_* xw_p = ln_ih ? xw_c.data_ptr<T_>() : nullptr;
+    const T_* gih_p = ln_ih ? gih_c.data_ptr<T_>() : nullptr;
+    const T_* sih_p = ln_ih ? sih_c.data_ptr<T_>() : nullptr;
+    T_* agi_p = ln_ih ? acc_gih.data_ptr<T_>() : nullptr;
     for (int64_t t = T - 1; t >= 0; --t) {
       at::parallel_for(0, B, grain_for(B, H), [&](int64_t b0, int64_t b1) {
-        std::vector<T_> buf(H3);
-        T_* dhh = buf.data();
+        std::vector<T_> buf(H3 + (ln_ih ? 2 * H3 : 0));
+        T_* dhh = buf.data();  // d hw_hat (3H); then d of the input LN's x_hat
+        T_* dAb = dhh + H3;    // with g_ih: the gradient of LN(xw) g_ih (3H) ...
+        T_* xih = dAb + H3;    // ... and the input LN's x_hat (3H)
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t tb = t * B + b;
           T_* dxr = dxw_p + tb * H3;
           T_* dhr = dhw_p + tb * H3;
           T_* dhc = dh_p + b * H;
-          T_* dir = dir_p + b * H;
           if (t >= L[b]) {
             std::memset(dxr, 0, H3 * sizeof(T_));
             std::memset(dhr, 0, H3 * sizeof(T_));
-            std::memcpy(dir, dhc, H * sizeof(T_));
+            // dh stays as it is: it is this row's `direct`
             continue;
           }
+          T_* dA = ln_ih ? dAb : dxr;  // without the input LN, dA is dxw itself
           const T_* ga = ga_p + tb * H3;
           const T_* hh = hh_p + tb * H3;
           const T_* hp = hp_p + tb * H;
@@ -551,33 +732,52 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& dout_in, const at::Tensor
             const T_ dnp = dhv * (T_(1) - u) * (T_(1) - n * n);  // d of the candidate's pre-activation
             const T_ hn = hh[H2 + k] * g_p[H2 + k] + bn_p[k];
             const T_ dhn = dnp * r;
-            dxr[k] = dnp * hn * r * (T_(1) - r);                   // d r pre-activation
-            dxr[H + k] = dhv * (hp[k] - n) * u * (T_(1) - u);      // d u pre-activation
-            dxr[H2 + k] = dnp;
+            dA[k] = dnp * hn * r * (T_(1) - r);                    // d r pre-activation
+            dA[H + k] = dhv * (hp[k] - n) * u * (T_(1) - u);       // d u pre-activation
+            dA[H2 + k] = dnp;
             abn[k] += dhn;
             ag[H2 + k] += dhn * hh[H2 + k];
             dhh[H2 + k] = dhn * g_p[H2 + k];
-            dir[k] = dhv * u;
+            dhc[k] = dhv * u;  // the part of dh_{t-1} that bypasses the GEMM
           }
 #pragma omp simd
           for (int64_t k = 0; k < H2; ++k) {
-            ag[k] += dxr[k] * hh[k];
-            dhh[k] = dxr[k] * g_p[k];
+            ag[k] += dA[k] * hh[k];
+            dhh[k] = dA[k] * g_p[k];
           }
           ln_backward_row(dhh, hh, H2, rs_p[tb * 2], dhr);
           ln_backward_row(dhh + H2, hh + H2, H, rs_p[tb * 2 + 1], dhr + H2);
+          T_* ab = ab_p + b * H3;
+#pragma omp simd
+          for (int64_t k = 0; k < H3; ++k) ab[k] += dA[k];
+          if (ln_ih) {  // back through the input LN, one block (r,u: 2H; n: H) at a time
+            const T_* xr = xw_p + tb * H3;
+            const T_* st = sih_p + tb * 4;
+            T_* agi = agi_p + b * H3;
+#pragma omp simd
+            for (int64_t k = 0; k < H3; ++k) {
+              const T_ xh = k < H2 ? (xr[k] - st[0]) * st[1] : (xr[k] - st[2]) * st[3];
+              xih[k] = xh;
+              agi[k] += dA[k] * xh;
+              dhh[k] = dA[k] * gih_p[k];
+            }
+            ln_backward_row(dhh, xih, H2, st[1], dxr);
+            ln_backward_row(dhh + H2, xih + H2, H, st[3], dxr + H2);
+          }
         }
       });
-      at::addmm_out(dh, direct, dhw[t], w_hh);
+      auto dhw_t = dhw[t];
+      gemm.run(dhw_t, dh, true);
     }
   };
   if (gates.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
   auto dw = at::mm(dhw.view({T * B, H3}).t(), hprev.view({T * B, H}));
   auto dg = acc_g.sum(0);
-  auto dbih = dxw.view({T * B, H3}).sum(0);
+  auto dbih = acc_b.sum(0);
   auto dbhh = dbih.clone();
   dbhh.narrow(0, H2, H).copy_(acc_bn.sum(0));
-  return {dxw, dh, dw, dg, dbih, dbhh};
+  at::Tensor dg_ih = ln_ih ? acc_gih.sum(0) : at::Tensor();
+  return {dxw, dh, dw, dg, dbih, dbhh, dg_ih};
 }
 
 }  // namespace
