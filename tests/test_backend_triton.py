@@ -138,11 +138,14 @@ def test_float64():
 
 
 @pytest.fixture
-def narrow_tables(monkeypatch):
-    """Shrink the register limits so small widths take the looping (wide-row) kernels."""
-    monkeypatch.setattr(tb, "_FWD_MAX_BLOCK", 128)
-    monkeypatch.setattr(tb, "_BWD_MAX_BLOCK", 128)
-    monkeypatch.setattr(tb, "_WIDE_BLOCK", 128)
+def narrow_tables():
+    """A launch table that sends every width above 128 to the looping (wide-row) kernels, 128-column
+    blocks, so small widths exercise them (what the built-in rule does above 8192 / 4096 columns)."""
+    wide = {"kernel": "wide", "block": 128, "num_warps": 4}
+    buckets = [str(2**k) for k in range(8, 21)]
+    doc = {"fwd": {b: wide for b in buckets}, "bwd": {b: dict(wide, programs_per_sm=8) for b in buckets}}
+    with tb.use_table(doc):
+        yield
 
 
 @pytest.mark.parametrize("dname", [d for d in ("fp32", "bf16_w32", "fp16") if d in DTYPES])
@@ -154,7 +157,7 @@ def test_wide_kernels(narrow_tables, op, N, dname):
 
 @pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
 def test_wide_kernels_real_width(op):
-    # 20000 > _FWD_MAX_BLOCK and _BWD_MAX_BLOCK: the production wide path, 5 column blocks
+    # 20000 > 8192 and 4096 (built-in rule): the production wide path, 5 column blocks
     check_op(2, 20000, op, torch.float32, torch.float32)
 
 

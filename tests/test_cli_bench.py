@@ -64,6 +64,8 @@ def test_bench_quick_writes_valid_json(tmp_path, capsys):
     assert doc["settings"]["bytes_moved"] and doc["settings"]["timing"]["clock"]
     assert doc["copy"] and all(c["gbps"] > 0 for c in doc["copy"])
     assert doc["providers"]["eager"]["available"]
+    if doc["providers"].get("ours:triton", {}).get("available"):  # the launch table in use is recorded
+        assert doc["settings"]["triton_table"]["source"] == "built-in"
     assert not doc["providers"]["compile"]["available"]  # skipped by --quick on CPU
     res = doc["results"]
     assert {r["op"] for r in res} == {"layer_norm", "add_rms_norm"}

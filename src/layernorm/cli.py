@@ -5,6 +5,7 @@
     layernorm info [--json]          versions, devices, backends and the automatic choice per dtype
     layernorm bench [...]            LayerNorm/RMSNorm providers vs a copy baseline (see --help)
     layernorm bench --rnn [...]      the layer-normalized LSTM/GRU benchmark
+    layernorm bench --tune [...]     tune the Triton backend's launch table on this GPU
     layernorm lab [...]              experiments that test claims about normalization
 
 Sub-commands are imported only when run, so ``layernorm info`` works without matplotlib, and a
@@ -23,6 +24,7 @@ _USAGE = """usage: layernorm {info,bench,lab} [...]
   info [--json]        versions, devices, available backends, automatic choice per (device, dtype)
   bench [...]          norm-op benchmark (layernorm bench --help)
   bench --rnn [...]    recurrent-layer benchmark (layernorm bench --rnn --help)
+  bench --tune [...]   tune the Triton launch table on this GPU (layernorm bench --tune --help)
   lab [...]            experiments (layernorm lab --help)
   --version            print the version
 """
@@ -145,6 +147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if cmd == "info":
             return info(rest)
         if cmd == "bench":
+            if "--tune" in rest:
+                fn = _import_main("layernorm.bench.tune", "the Triton launch-table tuner (layernorm.bench.tune)")
+                return 2 if fn is None else int(fn([a for a in rest if a != "--tune"]) or 0)
             if "--rnn" in rest:
                 rest = [a for a in rest if a != "--rnn"]
                 fn = _import_main("layernorm.bench.rnn", "the RNN benchmark (layernorm.bench.rnn)")

@@ -139,6 +139,8 @@ def build_parser(prog: str = "layernorm bench") -> argparse.ArgumentParser:
                    help="CPU: do not re-execute with glibc malloc thresholds set (see MALLOC_ADVICE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no tables")
+    p.add_argument("--tune", action="store_true",
+                   help="tune the Triton backend's launch table instead (see layernorm bench --tune --help)")
     return p
 
 
@@ -420,6 +422,15 @@ def run(args: argparse.Namespace, extra_providers: Sequence[Provider] = (), cons
         "partial": False,
     }
     active = [p for p in providers if p.available]
+    if any(p.name == "ours:triton" for p in active):
+        # which launch table the triton backend uses (LAYERNORM_TRITON_TABLE, a packaged device file,
+        # or the built-in rule): a tuned table changes its timings
+        try:
+            from ..backends import triton as _triton_backend
+
+            doc["settings"]["triton_table"] = _triton_backend.table_info(device)
+        except Exception as exc:  # recorded, never fatal: the provider's own error says more
+            doc["settings"]["triton_table"] = {"error": _short_error(exc)}
 
     if args.block:
         doc["block"] = [run_block(device, dt, args, cfg, console) for dt in dtypes]
@@ -836,6 +847,10 @@ def main(argv: Optional[Sequence[str]] = None, *, allow_reexec: bool = False) ->
     from rich.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--tune" in argv:
+        from .tune import main as tune_main
+
+        return tune_main([a for a in argv if a != "--tune"])
     args = build_parser().parse_args(argv)
     args._argv = argv
     if allow_reexec:
