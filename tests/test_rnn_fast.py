@@ -235,6 +235,11 @@ def test_argument_errors():
         base["ln_hh_weight"], base["bias"], base["ln_cell_weight"], base["ln_cell_bias"], 1e-5, True)
     with pytest.raises(ValueError, match="xw_ln must have shape"):
         call(xw_ln=torch.zeros(3, 2, 5))
+    with pytest.raises(ValueError, match="T >= 1"):
+        call(xw_ln=torch.zeros(0, 2, 16))
+    with pytest.raises(ValueError, match="T >= 1"):
+        rf.gru_recurrence(torch.zeros(0, 2, 12), None, torch.zeros(2, 4), torch.zeros(12, 4), torch.ones(12),
+                          None, None, 1e-5)
     with pytest.raises(ValueError, match="h0 must have shape"):
         call(h0=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="lengths must lie in"):

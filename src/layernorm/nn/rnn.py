@@ -212,6 +212,8 @@ class _LNRNNBase(nn.Module):
         self.cell_norm = bool(cell_norm)
         self.eps = _check_eps(eps)
         self.backend = _check_rnn_backend(backend)
+        if self.backend != "reference":
+            _load_fast()  # import it now: torch.compile cannot trace the import inside forward
         self.proj_size = 0  # nn.LSTM attribute some user code reads; projections are not supported
         gates = self._gates * hidden_size
         self._flat_weights_names: List[str] = []

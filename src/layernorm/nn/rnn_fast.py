@@ -551,8 +551,8 @@ def lstm_recurrence(
     Returns:
         out (T, B, H), zero past each length; h_n, c_n (B, H), the state after each sequence's last step.
     """
-    if xw_ln.dim() != 3 or xw_ln.shape[2] % 4:
-        raise ValueError(f"xw_ln must have shape [T, B, 4*H], but got {list(xw_ln.shape)}")
+    if xw_ln.dim() != 3 or xw_ln.shape[2] % 4 or xw_ln.shape[0] == 0:
+        raise ValueError(f"xw_ln must have shape [T, B, 4*H] with T >= 1, but got {list(xw_ln.shape)}")
     T, B, H4 = xw_ln.shape
     H = H4 // 4
     xw_ln = xw_ln.contiguous()
@@ -569,6 +569,9 @@ def lstm_recurrence(
     else:
         ln_cell_weight = ln_cell_bias = None
     ln_ih_weight = _check("ln_ih_weight", ln_ih_weight, (H4,), xw_ln)
+    if torch.compiler.is_compiling():  # one custom op, which dynamo can trace (see the end of this file)
+        return _lstm_compiled(xw_ln, lengths, h0, c0, w_hh, ln_hh_weight, bias, ln_cell_weight, ln_cell_bias,
+                              eps, cell_norm, impl, ln_ih_weight)
     lengths = _check_lengths(lengths, T, B)
     eps, cell_norm = float(eps), bool(cell_norm)
     imp = _pick_impl(impl, xw_ln)
@@ -610,8 +613,8 @@ def gru_recurrence(
     Returns:
         out (T, B, H), zero past each length; h_n (B, H).
     """
-    if xw_ln.dim() != 3 or xw_ln.shape[2] % 3:
-        raise ValueError(f"xw_ln must have shape [T, B, 3*H], but got {list(xw_ln.shape)}")
+    if xw_ln.dim() != 3 or xw_ln.shape[2] % 3 or xw_ln.shape[0] == 0:
+        raise ValueError(f"xw_ln must have shape [T, B, 3*H] with T >= 1, but got {list(xw_ln.shape)}")
     T, B, H3 = xw_ln.shape
     H = H3 // 3
     xw_ln = xw_ln.contiguous()
@@ -621,6 +624,8 @@ def gru_recurrence(
     bias_ih = _check("bias_ih", bias_ih, (H3,), xw_ln)
     bias_hh = _check("bias_hh", bias_hh, (H3,), xw_ln)
     ln_ih_weight = _check("ln_ih_weight", ln_ih_weight, (H3,), xw_ln)
+    if torch.compiler.is_compiling():  # as in lstm_recurrence
+        return _gru_compiled(xw_ln, lengths, h0, w_hh, ln_hh_weight, bias_ih, bias_hh, eps, impl, ln_ih_weight)
     lengths = _check_lengths(lengths, T, B)
     eps = float(eps)
     imp = _pick_impl(impl, xw_ln)
@@ -632,6 +637,262 @@ def gru_recurrence(
             res = imp.gru_forward(*args) if ln_ih_weight is None else imp.gru_forward_ln(*args, ln_ih_weight)
         return res[0], res[1]
     return _GRUFunction.apply(xw_ln, h0, w_hh, ln_hh_weight, bias_ih, bias_hh, ln_ih_weight, lengths, eps, imp)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile: each recurrence call as ONE opaque custom op (forward op + backward op)
+# ------------------------------------------------------------------------------------------------
+#
+# The pybind calls of the C++ implementation (and the Python time loops of the others) cannot be
+# traced by dynamo, so under torch.compile lstm_recurrence / gru_recurrence call the custom ops
+# layernorm::{lstm,gru}_recurrence_{fwd,bwd} instead of the autograd.Function (eager keeps the
+# autograd.Function: a custom op's Python dispatch costs more per call). The implementation is
+# resolved to a concrete name ("cpp", "torch", "triton") while tracing and crosses the op boundary
+# as that string; the op resolves it again with _pick_impl. The input LN of the implementations that
+# do not fuse it is applied before the op (through layernorm::norm_fwd), as in eager; g_ih reaches
+# the op only for "cpp". Custom ops cannot return None, so the forward op always returns a fixed
+# number of saved tensors and the backward op a fixed number of gradients, empty when absent; the
+# fake kernels below reproduce the shapes of rnn.cpp / _TorchImpl / _TritonImpl exactly
+# (opcheck in tests/test_rnn_compile.py keeps them honest).
+
+_NONE = (0,)  # the shape of an "absent" tensor
+
+
+class _DeviceDtype:
+    """What _pick_impl reads of a tensor, without a tensor."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype):
+        self.device, self.dtype = torch.device(device_type), dtype
+
+
+@torch.compiler.assume_constant_result
+def _impl_name(impl: Optional[str], device_type: str, dtype: torch.dtype) -> str:
+    """The concrete implementation ``impl`` (None/"auto" = environment or auto) picks for tensors of
+    this device type and dtype. Evaluated once while tracing, so a later change of
+    ``$LAYERNORM_RNN_IMPL`` does not reach an already compiled graph."""
+    imp = _pick_impl(impl, _DeviceDtype(device_type, dtype))
+    if isinstance(imp, _CppImpl):
+        return "cpp"
+    return "torch" if imp is _TorchImpl else "triton"
+
+
+def _op_lengths(lengths: Optional[Tensor], B: int) -> Optional[Tensor]:
+    """_check_lengths without its data-dependent range check, which the op does on real values."""
+    if lengths is None:
+        return None
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape [{B}], but got {list(lengths.shape)}")
+    return lengths.detach().to("cpu", torch.int64)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(_NONE)
+
+
+# ---- LSTM
+
+
+def _lstm_saved_shapes(impl: str, T, B, H, fused: bool) -> list:
+    """Shapes of hw_hat, gates, cs, rstd1, mean2, rstd2, mean_ih, rstd_ih as ``impl`` saves them."""
+    stat = (T, B) if impl == "cpp" else (T, B, 1)
+    ln = [(T, B), (T, B)] if fused else [_NONE, _NONE]
+    return [(T, B, 4 * H), (T, B, 4 * H), (T, B, H), stat, stat, stat, *ln]
+
+
+@torch.library.custom_op(
+    "layernorm::lstm_recurrence_fwd", mutates_args=(),
+    schema="(Tensor xw, Tensor? lengths, Tensor h0, Tensor c0, Tensor w_hh, Tensor g_hh, Tensor? bias, "
+           "Tensor? wc, Tensor? bc, Tensor? g_ih, float eps, bool cell_norm, bool save, str impl) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def lstm_recurrence_fwd(xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, g_ih, eps, cell_norm, save, impl):
+    """-> out, h_n, c_n, then hw_hat, gates, cs, rstd1, mean2, rstd2, mean_ih, rstd_ih for backward
+    (all 8 empty without ``save``; the last 2 empty without ``g_ih``, which only "cpp" takes)."""
+    T, B, _ = xw.shape
+    lengths = _check_lengths(lengths, T, B)
+    imp = _pick_impl(impl, xw)
+    args = (xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, eps, cell_norm, save)
+    if g_ih is None:
+        res = list(imp.lstm_forward(*args))[:9]
+    elif getattr(imp, "fuses_input_ln", False):
+        res = list(imp.lstm_forward_ln(*args, g_ih))
+    else:
+        raise ValueError(f"layernorm::lstm_recurrence_fwd: impl={impl!r} does not take g_ih (normalize xw first)")
+    res = [r if r is not None else _empty(xw) for r in res]
+    return tuple(res + [_empty(xw) for _ in range(11 - len(res))])
+
+
+@lstm_recurrence_fwd.register_fake
+def _(xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, g_ih, eps, cell_norm, save, impl):
+    T, B, H4 = xw.shape
+    H = H4 // 4
+    saved = _lstm_saved_shapes(impl, T, B, H, g_ih is not None) if save else [_NONE] * 8
+    return (xw.new_empty(T, B, H), xw.new_empty(B, H), xw.new_empty(B, H), *(xw.new_empty(s) for s in saved))
+
+
+@torch.library.custom_op(
+    "layernorm::lstm_recurrence_bwd", mutates_args=(),
+    schema="(Tensor dout, Tensor dhn, Tensor dcn, Tensor? lengths, Tensor h0, Tensor c0, Tensor w_hh, "
+           "Tensor g_hh, Tensor? wc, Tensor? bc, Tensor out, Tensor[] saved, Tensor? xw, Tensor? g_ih, "
+           "bool cell_norm, str impl) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def lstm_recurrence_bwd(dout, dhn, dcn, lengths, h0, c0, w_hh, g_hh, wc, bc, out, saved, xw, g_ih, cell_norm, impl):
+    """-> dxw, dh0, dc0, dw_hh, dg_hh, dbias, dwc, dbc, dg_ih; dwc/dbc empty without ``cell_norm``,
+    dg_ih empty without ``g_ih``. ``saved``: the forward op's 8 saved outputs; ``xw``: the forward's
+    raw projection, needed (and given) only with ``g_ih``."""
+    lengths = _check_lengths(lengths, out.shape[0], out.shape[1])
+    imp = _pick_impl(impl, out)
+    args = (dout, dhn, dcn, lengths, h0, c0, w_hh, g_hh, wc, bc, out, *saved[:6], cell_norm)
+    if g_ih is None:
+        res = list(imp.lstm_backward(*args)) + [None]
+    else:
+        res = list(imp.lstm_backward_ln(*args, xw, g_ih, saved[6], saved[7]))
+    return tuple(r if r is not None else _empty(out) for r in res)
+
+
+@lstm_recurrence_bwd.register_fake
+def _(dout, dhn, dcn, lengths, h0, c0, w_hh, g_hh, wc, bc, out, saved, xw, g_ih, cell_norm, impl):
+    T, B, H = out.shape
+    dnorm = (lambda: out.new_empty(H)) if cell_norm else (lambda: _empty(out))
+    return (out.new_empty(T, B, 4 * H), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_hh),
+            torch.empty_like(g_hh), out.new_empty(4 * H), dnorm(), dnorm(),
+            torch.empty_like(g_ih) if g_ih is not None else _empty(out))
+
+
+def _lstm_setup_context(ctx, inputs, output):
+    xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, g_ih, eps, cell_norm, save, impl = inputs
+    fused = g_ih is not None
+    ctx.save_for_backward(lengths, h0, c0, w_hh, g_hh, wc, bc, output[0], xw if fused else None, g_ih, *output[3:])
+    ctx.cell_norm, ctx.impl, ctx.save = cell_norm, impl, save
+    ctx.has_bias, ctx.fused = bias is not None, fused
+    ctx.mark_non_differentiable(*output[3:])
+
+
+def _lstm_backward(ctx, dout, dhn, dcn, *_):
+    if not ctx.save:
+        raise RuntimeError("layernorm::lstm_recurrence_fwd ran with save=False: nothing to differentiate with")
+    lengths, h0, c0, w_hh, g_hh, wc, bc, out, xw, g_ih, *saved = ctx.saved_tensors
+    dxw, dh0, dc0, dw, dg, db, dwc, dbc, dg_ih = lstm_recurrence_bwd(
+        dout, dhn, dcn, lengths, h0, c0, w_hh, g_hh, wc, bc, out, saved, xw, g_ih, ctx.cell_norm, ctx.impl
+    )
+    cn = ctx.cell_norm
+    return (dxw, None, dh0, dc0, dw, dg, db if ctx.has_bias else None, dwc if cn else None, dbc if cn else None,
+            dg_ih if ctx.fused else None, None, None, None, None)
+
+
+torch.library.register_autograd("layernorm::lstm_recurrence_fwd", _lstm_backward, setup_context=_lstm_setup_context)
+
+
+# ---- GRU
+
+
+@torch.library.custom_op(
+    "layernorm::gru_recurrence_fwd", mutates_args=(),
+    schema="(Tensor xw, Tensor? lengths, Tensor h0, Tensor w_hh, Tensor g_hh, Tensor? bias_ih, Tensor? bias_hh, "
+           "Tensor? g_ih, float eps, bool save, str impl) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def gru_recurrence_fwd(xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, g_ih, eps, save, impl):
+    """-> out, h_n, then hw_hat, gates, rstd, stats_ih for backward (all 4 empty without ``save``;
+    stats_ih empty without ``g_ih``, which only "cpp" takes)."""
+    T, B, _ = xw.shape
+    lengths = _check_lengths(lengths, T, B)
+    imp = _pick_impl(impl, xw)
+    args = (xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, eps, save)
+    if g_ih is None:
+        res = list(imp.gru_forward(*args))[:5]
+    elif getattr(imp, "fuses_input_ln", False):
+        res = list(imp.gru_forward_ln(*args, g_ih))
+    else:
+        raise ValueError(f"layernorm::gru_recurrence_fwd: impl={impl!r} does not take g_ih (normalize xw first)")
+    res = [r if r is not None else _empty(xw) for r in res]
+    return tuple(res + [_empty(xw) for _ in range(6 - len(res))])
+
+
+@gru_recurrence_fwd.register_fake
+def _(xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, g_ih, eps, save, impl):
+    T, B, H3 = xw.shape
+    H = H3 // 3
+    if save:
+        saved = [(T, B, H3), (T, B, H3), (T, B, 2), (T, B, 4) if g_ih is not None else _NONE]
+    else:
+        saved = [_NONE] * 4
+    return (xw.new_empty(T, B, H), xw.new_empty(B, H), *(xw.new_empty(s) for s in saved))
+
+
+@torch.library.custom_op(
+    "layernorm::gru_recurrence_bwd", mutates_args=(),
+    schema="(Tensor dout, Tensor dhn, Tensor? lengths, Tensor h0, Tensor w_hh, Tensor g_hh, Tensor? bias_hh, "
+           "Tensor out, Tensor[] saved, Tensor? xw, Tensor? g_ih, str impl) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def gru_recurrence_bwd(dout, dhn, lengths, h0, w_hh, g_hh, bias_hh, out, saved, xw, g_ih, impl):
+    """-> dxw, dh0, dw_hh, dg_hh, dbias_ih, dbias_hh, dg_ih (empty without ``g_ih``); ``saved``: the
+    forward op's 4 saved outputs; ``xw``: the forward's raw projection, only with ``g_ih``."""
+    lengths = _check_lengths(lengths, out.shape[0], out.shape[1])
+    imp = _pick_impl(impl, out)
+    args = (dout, dhn, lengths, h0, w_hh, g_hh, bias_hh, out, *saved[:3])
+    if g_ih is None:
+        res = list(imp.gru_backward(*args)) + [None]
+    else:
+        res = list(imp.gru_backward_ln(*args, xw, g_ih, saved[3]))
+    return tuple(r if r is not None else _empty(out) for r in res)
+
+
+@gru_recurrence_bwd.register_fake
+def _(dout, dhn, lengths, h0, w_hh, g_hh, bias_hh, out, saved, xw, g_ih, impl):
+    T, B, H = out.shape
+    return (out.new_empty(T, B, 3 * H), torch.empty_like(h0), torch.empty_like(w_hh), torch.empty_like(g_hh),
+            out.new_empty(3 * H), out.new_empty(3 * H), torch.empty_like(g_ih) if g_ih is not None else _empty(out))
+
+
+def _gru_setup_context(ctx, inputs, output):
+    xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, g_ih, eps, save, impl = inputs
+    fused = g_ih is not None
+    ctx.save_for_backward(lengths, h0, w_hh, g_hh, bias_hh, output[0], xw if fused else None, g_ih, *output[2:])
+    ctx.impl, ctx.save, ctx.fused = impl, save, fused
+    ctx.has_bias = (bias_ih is not None, bias_hh is not None)
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _gru_backward(ctx, dout, dhn, *_):
+    if not ctx.save:
+        raise RuntimeError("layernorm::gru_recurrence_fwd ran with save=False: nothing to differentiate with")
+    lengths, h0, w_hh, g_hh, bias_hh, out, xw, g_ih, *saved = ctx.saved_tensors
+    dxw, dh0, dw, dg, dbih, dbhh, dg_ih = gru_recurrence_bwd(
+        dout, dhn, lengths, h0, w_hh, g_hh, bias_hh, out, saved, xw, g_ih, ctx.impl
+    )
+    return (dxw, None, dh0, dw, dg, dbih if ctx.has_bias[0] else None, dbhh if ctx.has_bias[1] else None,
+            dg_ih if ctx.fused else None, None, None, None)
+
+
+torch.library.register_autograd("layernorm::gru_recurrence_fwd", _gru_backward, setup_context=_gru_setup_context)
+
+
+# ---- the compiled paths of the public entry points (arguments already validated by them)
+
+
+def _lstm_compiled(xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, eps, cell_norm, impl, g_ih):
+    _, B, H4 = xw.shape
+    lengths = _op_lengths(lengths, B)
+    name = _impl_name(impl, xw.device.type, xw.dtype)
+    eps, cell_norm = float(eps), bool(cell_norm)
+    if g_ih is not None and name != "cpp":
+        xw, g_ih = _input_ln(xw, g_ih, (H4,), eps), None
+    save = _needs_grad(xw, h0, c0, w_hh, g_hh, bias, wc, bc, g_ih)
+    res = lstm_recurrence_fwd(xw, lengths, h0, c0, w_hh, g_hh, bias, wc, bc, g_ih, eps, cell_norm, save, name)
+    return res[0], res[1], res[2]
+
+
+def _gru_compiled(xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, eps, impl, g_ih):
+    _, B, H3 = xw.shape
+    lengths = _op_lengths(lengths, B)
+    name = _impl_name(impl, xw.device.type, xw.dtype)
+    eps = float(eps)
+    if g_ih is not None and name != "cpp":
+        xw, g_ih = _input_ln(xw, g_ih, (2 * H3 // 3, H3 // 3), eps), None
+    save = _needs_grad(xw, h0, w_hh, g_hh, bias_ih, bias_hh, g_ih)
+    res = gru_recurrence_fwd(xw, lengths, h0, w_hh, g_hh, bias_ih, bias_hh, g_ih, eps, save, name)
+    return res[0], res[1]
 
 
 # ------------------------------------------------------------------------------------------------
