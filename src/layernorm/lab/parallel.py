@@ -16,11 +16,16 @@ SyncBatchNorm: on GPUs (nccl) torch's ``nn.SyncBatchNorm``; on CPU processes, wh
 :class:`CPUSyncBatchNorm1d` (same maths, one all-reduce per forward and one per backward).
 - the wall time per step (reported apart from results.json: timings are not reproducible).
 
-Run by the lab itself (``torch.multiprocessing`` with gloo on a free local port), or stand-alone::
+Run by the lab itself (``torch.multiprocessing`` with gloo, rendezvous through a file in a temporary
+directory), or stand-alone::
 
     torchrun --nproc_per_node=2 -m layernorm.lab.parallel --out parallel.json
     # on GPUs the backend is nccl and each rank uses cuda:LOCAL_RANK
 
+Teardown (lab-spawned workers): rank 0 writes its JSON atomically, every rank passes a barrier, and
+then leaves with ``os._exit`` -- no destructor runs, because the DDP Reducer's destructor can join
+gloo's worker thread while holding the GIL and deadlock. A worker that raises writes its traceback to
+a file and exits with 1; the parent raises it, and gives up (terminating the workers) after a deadline.
 """
 from __future__ import annotations
 
@@ -29,10 +34,11 @@ import contextlib
 import copy
 import json
 import os
-import socket
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -45,6 +51,11 @@ from torch import nn
 __all__ = ["VARIANTS", "run_spawn", "worker", "main"]
 
 VARIANTS = ("ln", "bn", "syncbn")
+# Default wall-clock limit for the lab's spawned run (seconds); LAYERNORM_LAB_DDP_TIMEOUT overrides it.
+DEFAULT_TIMEOUT_S = 900.0
+# DDP wrappers of finished variants are kept alive (not destroyed mid-run: see "Teardown" above);
+# lab-spawned workers leave with os._exit, under torchrun ``main`` clears this after the last barrier.
+_RETAINED: List[nn.Module] = []
 # The torch.distributed entry points a norm layer or DDP could call; all are counted when present.
 _WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
             "_broadcast_coalesced", "reduce_scatter_tensor", "all_to_all_single", "reduce", "gather")
@@ -254,6 +265,7 @@ def worker(rank: int, world: int, cfg: Dict, backend: str, out_path: Optional[st
                     results.setdefault(variant, {"seeds": []})["seeds"].append({
                         "seed": seed, "grad_max_diff_step1": grad_diff, "param_max_diff_final": param_diff,
                         "collectives_per_step": steady, "collectives_constant_after_step1": constant})
+                _RETAINED.append(ddp)
                 del ddp
     dist.barrier()
     if rank != 0:
@@ -279,30 +291,109 @@ def worker(rank: int, world: int, cfg: Dict, backend: str, out_path: Optional[st
     return out
 
 
-def _spawn_entry(rank: int, world: int, cfg: Dict, out_path: str, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _spawn_entry(rank: int, world: int, cfg: Dict, tmp: str, fault: Optional[str]) -> None:
+    """One lab-spawned rank. Never returns: leaves with ``os._exit`` (0 after the final barrier, 1 on error).
+
+    ``fault`` is a test-only hook: ``"raise:R"`` makes rank R raise, ``"hang:R"`` makes it sleep,
+    right after the rendezvous.
+    """
+    code = 1
     try:
-        worker(rank, world, cfg, "gloo", out_path if rank == 0 else None)
+        dist.init_process_group("gloo", init_method=_init_method(tmp), rank=rank, world_size=world)
+        if fault:
+            kind, _, which = fault.partition(":")
+            if int(which) == rank:
+                if kind == "raise":
+                    raise RuntimeError(f"injected failure in rank {rank} (test hook fault={fault!r})")
+                if kind == "hang":
+                    while True:
+                        time.sleep(60)
+        worker(rank, world, cfg, "gloo", os.path.join(tmp, "parallel.json") if rank == 0 else None)
+        dist.barrier()  # rank 0's JSON is on disk; nobody needs a peer any more
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        try:
+            err = os.path.join(tmp, f"rank{rank}.error")
+            with open(err + ".tmp", "w") as f:
+                f.write(traceback.format_exc())
+            os.replace(err + ".tmp", err)
+        except BaseException:  # noqa: BLE001
+            pass
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+        os._exit(code)  # no interpreter teardown: no destructor can deadlock (see the module docstring)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _init_method(tmp: str) -> str:
+    """The rendezvous of a lab-spawned run: a file in its temporary directory (no TCP port to collide on)."""
+    return "file://" + os.path.join(tmp, "rendezvous.store")
 
 
-def run_spawn(cfg: Dict, world: int = 2) -> Dict:
-    """Start ``world`` gloo processes on this machine (a free local port) and return rank 0's result."""
+def _timeout_from_env() -> float:
+    v = os.environ.get("LAYERNORM_LAB_DDP_TIMEOUT")
+    return float(v) if v else DEFAULT_TIMEOUT_S
+
+
+def _stop(processes) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    t_end = time.monotonic() + 5
+    for p in processes:
+        p.join(max(0.0, t_end - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _worker_errors(tmp: str, world: int) -> str:
+    """The tracebacks the ranks wrote, the first written (most likely the cause) first."""
+    found = []
+    for r in range(world):
+        path = os.path.join(tmp, f"rank{r}.error")
+        if os.path.exists(path):
+            with open(path) as f:
+                found.append((os.stat(path).st_mtime_ns, r, f.read()))
+    return "".join(f"\n--- rank {r} ---\n{tb}" for _, r, tb in sorted(found))
+
+
+def run_spawn(cfg: Dict, world: int = 2, timeout: Optional[float] = None, *, _fault: Optional[str] = None) -> Dict:
+    """Start ``world`` gloo processes on this machine and return rank 0's result.
+
+    The ranks meet through a file in a temporary directory (removed afterwards). A rank that raises
+    makes this raise ``RuntimeError`` with its traceback; if the run is not over after ``timeout``
+    seconds (default: ``$LAYERNORM_LAB_DDP_TIMEOUT`` or :data:`DEFAULT_TIMEOUT_S`), the workers are
+    terminated and ``TimeoutError`` is raised. ``_fault`` is a test-only hook (see ``_spawn_entry``).
+    """
     import torch.multiprocessing as mp
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+    timeout = _timeout_from_env() if timeout is None else float(timeout)
+    what = f"layernorm lab: experiment 'parallel' (DDP, {world} gloo processes)"
     with tempfile.TemporaryDirectory(prefix="layernorm-lab-ddp-") as tmp:
         out_path = os.path.join(tmp, "parallel.json")
-        mp.start_processes(_spawn_entry, args=(world, cfg, out_path, _free_port()), nprocs=world, join=True,
-                           start_method="spawn")
+        deadline = time.monotonic() + timeout
+        ctx = mp.start_processes(_spawn_entry, args=(world, cfg, tmp, _fault), nprocs=world, join=False,
+                                 start_method="spawn")
+        try:
+            while not ctx.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=2):
+                if time.monotonic() >= deadline:
+                    _stop(ctx.processes)
+                    raise TimeoutError(f"{what} did not finish within {timeout:g} s; its workers were "
+                                       f"terminated (set LAYERNORM_LAB_DDP_TIMEOUT=<seconds> to allow longer)")
+        except (ProcessExitedException, ProcessRaisedException) as e:
+            _stop(ctx.processes)
+            errors = _worker_errors(tmp, world)
+            raise RuntimeError(f"{what} failed: {e}" + (errors or " (no traceback: the worker died)")) from None
+        finally:
+            _stop(ctx.processes)  # on any exit path (KeyboardInterrupt included) no worker outlives us
+        if not os.path.exists(out_path):
+            raise RuntimeError(f"{what}: the workers exited without rank 0's result")
         with open(out_path) as f:
             return json.load(f)
 
@@ -323,13 +414,17 @@ def main(argv=None) -> int:
     backend = a.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     cfg = {"seeds": list(range(a.seeds)), "steps": a.steps, "global_batch": a.global_batch, "data_path": a.data}
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # Under torchrun: no os._exit (torchrun reports exit codes and errors itself); clean exit after a barrier.
     try:
         out = worker(rank, world, cfg, backend, a.out if rank == 0 else None)
         if out is not None:
             print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "seeds"}
                               for k, v in out["variants"].items()}, indent=1))
+        dist.barrier()
+        _RETAINED.clear()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

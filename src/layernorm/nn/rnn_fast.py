@@ -955,9 +955,12 @@ def _bench_main(argv=None) -> None:  # pragma: no cover - measurement, run by ha
 
         def layer(fns, x, **kw):
             xw = x @ w_ih.t()                                   # (T, B, GH)
-            parts = [torch.nn.functional.layer_norm(v, (v.shape[-1],), gw, None, 1e-5)
-                     for v, gw in zip(xw.split(blocks, -1), g_ih.split(blocks))]
-            xw_ln = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+            if fns is rnn_reference:  # LN of the projection first, as the module does for the reference
+                parts = [torch.nn.functional.layer_norm(v, (v.shape[-1],), gw, None, 1e-5)
+                         for v, gw in zip(xw.split(blocks, -1), g_ih.split(blocks))]
+                xw_ln = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+            else:  # as the module calls the fast path: raw projection, LN inside (fused in C++)
+                xw_ln, kw = xw, {**kw, "ln_ih_weight": g_ih}
             h0 = x.new_zeros(x.shape[1], H)
             if mode == "LSTM":
                 out, hn, cn = fns.lstm_recurrence(xw_ln, None, h0, h0, w_hh, g_hh, b_ih + b_hh, wc, bc, 1e-5, True, **kw)
