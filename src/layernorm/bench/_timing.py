@@ -7,6 +7,9 @@ Method (recorded in every result file by :func:`timing_method`):
   (between ``min_reps`` and ``max_reps``), from the time of the warm-up calls.
 - CUDA: the same loop, each call between two ``torch.cuda.Event`` s; before each call a buffer
   twice the L2 size is zeroed so every call reads its inputs from HBM (what a model step sees).
+- :func:`time_interleaved` (the RNN bench): several providers, one call of each per round in
+  rotating order, each call timed with :func:`time.perf_counter` (after ``torch.cuda.synchronize``
+  on CUDA; no L2 flush: these calls run for milliseconds).
 The reported time is the median; the minimum is kept too.
 """
 from __future__ import annotations
@@ -15,11 +18,11 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["TimerConfig", "Timing", "time_fn", "timing_method"]
+__all__ = ["TimerConfig", "Timing", "time_fn", "time_interleaved", "timing_method"]
 
 
 @dataclass
@@ -102,6 +105,46 @@ def _time_cuda(fn, device: torch.device, cfg: TimerConfig) -> Timing:
     torch.cuda.synchronize(device)
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     return Timing(statistics.median(times), min(times), n)
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
+                     cfg: Optional[TimerConfig] = None) -> Dict[str, Timing]:
+    """Median time of each ``fns[k]()``, the providers timed in turn within every repeat.
+
+    On a shared machine the load drifts over seconds; timing one provider's repeats after the
+    other's puts that drift into the ratio. Taking one call of each provider per round (the order
+    rotating from round to round) exposes all of them to the same drift. ``reps`` comes from the
+    slowest provider's warm-up time, so every provider gets the same number of repeats.
+    """
+    cfg = cfg or TimerConfig()
+    names = list(fns)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        per_call = {}
+        for k in names:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(max(1, cfg.warmup)):
+                fns[k]()
+            sync()
+            per_call[k] = (time.perf_counter() - t0) / max(1, cfg.warmup)
+        n = _reps(sum(per_call.values()) / len(names), cfg)  # the budget of one provider, as time_fn
+        times: Dict[str, List[float]] = {k: [] for k in names}
+        for r in range(n):
+            for j in range(len(names)):
+                k = names[(r + j) % len(names)]
+                sync()
+                t0 = time.perf_counter()
+                fns[k]()
+                sync()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {k: Timing(statistics.median(v), min(v), len(v)) for k, v in times.items()}
 
 
 def timing_method(device: torch.device, cfg: TimerConfig) -> dict:

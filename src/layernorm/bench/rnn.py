@@ -15,8 +15,9 @@ Providers, per cell type (LSTM, GRU):
 Shapes: T = 100 time steps, batch B in {1, 32, 128}, input = hidden = H in {256, 512}, float32.
 ``--gpu-case``: the one GPU shape of the fused-kernel issue, T = 256, B = 64, I = H = 512, with the
 providers ``layernorm``, ``layernorm-torch-ops`` and ``torch`` (cuDNN) unless ``--providers`` is given.
-Measured: forward (no grad) and forward+backward (loss = output.sum()), median ms; ``ratio`` is the
-time over the ``torch`` provider's in the same shape. Memory: on CUDA the peak allocated during
+Measured: forward (no grad) and forward+backward (loss = output.sum()), median ms (min kept as
+``*_min_ms``), the providers of a shape interleaved call by call so drifting load on a shared machine
+hits them alike; ``ratio`` is the time over the ``torch`` provider's in the same shape. Memory: on CUDA the peak allocated during
 forward+backward above what was allocated before; on CPU (where allocator statistics are not
 available) the bytes of the tensors autograd saves for backward in one forward, counted once per
 storage and without parameters: the "training memory" of the layer. Tensors a custom autograd
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ._machine import describe_machine
-from ._timing import TimerConfig, time_fn, timing_method
+from ._timing import TimerConfig, time_interleaved, timing_method
 
 __all__ = ["main", "NaiveLNLSTM", "NaiveLNGRU", "saved_tensor_bytes"]
 
@@ -160,44 +161,56 @@ def _recurrence_impl(device: torch.device) -> str:
     return {"_TorchImpl": "torch", "_TritonImpl": "triton"}.get(getattr(impl, "__name__", ""), "cpp")
 
 
-def _measure(mode: str, provider: str, H: int, B: int, T: int, device: torch.device, cfg: TimerConfig) -> dict:
-    with _impl_env(provider):
-        return _measure_in_env(mode, provider, H, B, T, device, cfg)
+def _with_env(provider: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        with _impl_env(provider):
+            return fn()
+    return call
 
 
-def _measure_in_env(mode: str, provider: str, H: int, B: int, T: int, device: torch.device,
-                    cfg: TimerConfig) -> dict:
-    torch.manual_seed(0)
-    model = _build(mode, provider, H, device)
-    x = torch.randn(T, B, H, device=device)
-    xg = x.clone().requires_grad_(True)
-    params = list(model.parameters())
+def _measure_shape(mode: str, providers: Sequence[str], H: int, B: int, T: int, device: torch.device,
+                   cfg: TimerConfig) -> List[dict]:
+    """One row per provider for one shape. The providers' calls are interleaved (see
+    :func:`time_interleaved`), forward first, then forward+backward."""
+    fwd, fwd_bwd, rows = {}, {}, {}
+    for provider in providers:
+        with _impl_env(provider):
+            torch.manual_seed(0)
+            model = _build(mode, provider, H, device)
+        x = torch.randn(T, B, H, device=device)
+        xg = x.clone().requires_grad_(True)
+        params = list(model.parameters())
 
-    def fwd():
-        with torch.no_grad():
-            return model(x)
+        def f(model=model, x=x):
+            with torch.no_grad():
+                return model(x)
 
-    def fwd_bwd():
-        out = model(xg)[0]
-        out.sum().backward()
-        model.zero_grad(set_to_none=True)
-        xg.grad = None
+        def fb(model=model, xg=xg):
+            out = model(xg)[0]
+            out.sum().backward()
+            model.zero_grad(set_to_none=True)
+            xg.grad = None
 
-    row = {"mode": mode, "provider": provider, "H": H, "B": B, "T": T}
-    row["fwd_ms"] = time_fn(fwd, device, cfg).median_ms
-    row["fwd_bwd_ms"] = time_fn(fwd_bwd, device, cfg).median_ms
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fwd_bwd()
-        torch.cuda.synchronize(device)
-        row["memory_bytes"] = torch.cuda.max_memory_allocated(device) - base
-        row["memory_kind"] = "cuda peak allocated during fwd+bwd above baseline"
-    else:
-        row["memory_bytes"] = saved_tensor_bytes(lambda: model(xg)[0], exclude=params)
-        row["memory_kind"] = "bytes saved for backward by one forward (distinct storages, no parameters)"
-    return row
+        fwd[provider], fwd_bwd[provider] = _with_env(provider, f), _with_env(provider, fb)
+        row = {"mode": mode, "provider": provider, "H": H, "B": B, "T": T}
+        with _impl_env(provider):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                fb()
+                torch.cuda.synchronize(device)
+                row["memory_bytes"] = torch.cuda.max_memory_allocated(device) - base
+                row["memory_kind"] = "cuda peak allocated during fwd+bwd above baseline"
+            else:
+                row["memory_bytes"] = saved_tensor_bytes(lambda: model(xg)[0], exclude=params)
+                row["memory_kind"] = "bytes saved for backward by one forward (distinct storages, no parameters)"
+        rows[provider] = row
+    for key, fns in (("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)):
+        for provider, timing in time_interleaved(fns, device, cfg).items():
+            rows[provider][key] = timing.median_ms
+            rows[provider][key.replace("_ms", "_min_ms")] = timing.min_ms
+    return [rows[p] for p in providers]
 
 
 def _add_ratios(rows: List[dict]) -> None:
@@ -289,8 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for mode in modes:
         for H in sizes:
             for B in batches:
-                for provider in providers:
-                    rows.append(_measure(mode, provider, H, B, T, device, cfg))
+                rows.extend(_measure_shape(mode, providers, H, B, T, device, cfg))
     _add_ratios(rows)
     elapsed = time.perf_counter() - t0
     _print_table(rows, f"LN-RNN benchmark, {device.type}, T={T}, float32 ({elapsed:.1f} s); x torch = time / nn.{modes[0] if len(modes) == 1 else 'LSTM|GRU'}'s")
@@ -303,7 +315,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "custom_selection": custom,
         "device": device.type,
         "machine": describe_machine(),
-        "timing": timing_method(device, cfg),
+        "timing": {**timing_method(device, cfg),
+                   "order": "providers of a shape interleaved call by call, rotating (bench._timing.time_interleaved)",
+                   "clock": "time.perf_counter per call" + (" after torch.cuda.synchronize" if device.type == "cuda" else "")},
         "recurrence_module": fast_module,
         "recurrence_impl": fast_impl,
         "dtype": "float32",
