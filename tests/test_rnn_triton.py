@@ -7,6 +7,7 @@ imported) by default; with ``LAYERNORM_TEST_DEVICE=cuda`` the same tests run com
 tensors. The interpreter is slow, so the shapes are small (H up to 100, T up to 4).
 """
 import os
+import warnings
 
 DEVICE = os.environ.get("LAYERNORM_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -333,3 +334,37 @@ def test_module_packed(monkeypatch, mode):
     names = ["out", *(["h_n", "c_n"] if mode == "LSTM" else ["h_n"]), "d input"]
     names += [f"d {n}" for n, _ in ours.named_parameters()]
     check(results[0], results[1], names, **F64)
+
+
+def test_kernel_build_failure_falls_back_to_torch_ops(monkeypatch):
+    """A step kernel that the device's Triton cannot build (simulated) warns once and the torch-ops
+    implementation takes over, forward and backward, with the same results."""
+
+    class FakeCompileError(Exception):
+        pass
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise FakeCompileError("out of registers")
+            return launch
+
+    monkeypatch.setattr(rt, "_COMPILE_ERRORS", (FakeCompileError,))
+    monkeypatch.setattr(rt, "_BROKEN", {})
+    monkeypatch.setattr(rt, "_lstm_fwd_step", Unbuildable())
+    inp = lstm_inputs(3, 2, 4, torch.float64)
+    args = [inp[k] for k in ("xw_ln",)] + [None] + [inp[k] for k in (
+        "h0", "c0", "w_hh", "ln_hh_weight", "bias", "ln_cell_weight", "ln_cell_bias")] + [1e-5, True]
+    with pytest.warns(RuntimeWarning, match="could not be built on this device"):
+        got = rf.lstm_recurrence(*args, impl="triton")
+    want = rf.lstm_recurrence(*args, impl="torch")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **F64)
+    assert set(rt._BROKEN) == {"lstm_forward"}
+    ga = torch.autograd.grad(sum(o.sum() for o in got), [inp["xw_ln"], inp["w_hh"]])
+    gb = torch.autograd.grad(sum(o.sum() for o in want), [inp["xw_ln"], inp["w_hh"]])
+    for a, b in zip(ga, gb):  # the Triton backward on the torch-ops forward's saved tensors
+        torch.testing.assert_close(a, b, **F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the second call is quiet
+        rf.lstm_recurrence(*args, impl="triton")

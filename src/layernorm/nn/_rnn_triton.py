@@ -41,6 +41,8 @@ This module imports Triton; ``rnn_fast._pick_impl`` imports it only for CUDA ten
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from typing import Tuple
 
 import torch
@@ -52,6 +54,14 @@ import triton.language as tl
 from .rnn_fast import _TorchImpl
 
 __all__ = ["_TritonImpl"]
+
+try:  # what a GPU's Triton raises when a kernel cannot be built for it
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+    _COMPILE_ERRORS: tuple = (CompilationError, OutOfResources)
+except ImportError:  # pragma: no cover - other Triton layouts
+    _COMPILE_ERRORS = ()
+_BROKEN: dict = {}  # method name -> the error that made it fall back, once per process
 
 _ROW_TILE = 512   # elements per gate tile: rows per program = _ROW_TILE // next_pow2(H), at least 1
 
@@ -390,10 +400,39 @@ def _gru_bwd_step(
 # ------------------------------------------------------------------------------------------------
 
 
+def _or_torch_ops(fn):
+    """Run a ``_TritonImpl`` method; if Triton cannot build its step kernel on this GPU (compile error,
+    too many registers or too much shared memory), warn once and use ``_TorchImpl``'s method from
+    then on. Both implementations take and save the same tensors, so a forward and a backward may come
+    from different ones. The kernels are tested under Triton's interpreter only until a GPU run; this
+    keeps a CUDA user of ``impl="auto"`` working if the real compiler disagrees."""
+    name = fn.__name__
+    fallback = getattr(_TorchImpl, name)
+
+    @functools.wraps(fn)
+    def run(*args):
+        if name in _BROKEN:
+            return fallback(*args)
+        try:
+            return fn(*args)
+        except _COMPILE_ERRORS as exc:
+            _BROKEN[name] = exc
+            warnings.warn(
+                f"layernorm.nn.rnn_fast: the Triton step kernel of {name} could not be built on this device "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); "
+                f"using the torch-ops implementation instead (set LAYERNORM_RNN_IMPL=torch to silence this)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return fallback(*args)
+
+    return staticmethod(run)
+
+
 class _TritonImpl:
     """Signatures and return lists of ``rnn_fast._TorchImpl``; empty inputs go to it (nothing to launch)."""
 
-    @staticmethod
+    @_or_torch_ops
     def lstm_forward(xw, lengths, h0, c0, w, g, bias, wc, bc, eps, cell_norm, save):
         if xw.numel() == 0:
             return _TorchImpl.lstm_forward(xw, lengths, h0, c0, w, g, bias, wc, bc, eps, cell_norm, save)
@@ -426,7 +465,7 @@ class _TritonImpl:
             return [out, h, c]
         return [out, h, c, hw_hat, gates, cs, rstd1, mean2, rstd2]
 
-    @staticmethod
+    @_or_torch_ops
     def lstm_backward(dout, dhn, dcn, lengths, h0, c0, w, g, wc, bc, out, hw_hat, gates, cs,
                       rstd1, mean2, rstd2, cell_norm):
         if gates.numel() == 0:
@@ -467,7 +506,7 @@ class _TritonImpl:
         dbc = dbc_rows.sum(0).to(dtype) if cell_norm else None
         return [dxw, dh, dc.to(dtype), dw, dg_rows.sum(0).to(dtype), dbias, dwc, dbc]
 
-    @staticmethod
+    @_or_torch_ops
     def gru_forward(xw, lengths, h0, w, g, bias_ih, bias_hh, eps, save):
         if xw.numel() == 0:
             return _TorchImpl.gru_forward(xw, lengths, h0, w, g, bias_ih, bias_hh, eps, save)
@@ -505,7 +544,7 @@ class _TritonImpl:
             return [out, h]
         return [out, h, hw_hat, gates, rstd]
 
-    @staticmethod
+    @_or_torch_ops
     def gru_backward(dout, dhn, lengths, h0, w, g, bias_hh, out, hw_hat, gates, rstd):
         if gates.numel() == 0:
             return _TorchImpl.gru_backward(dout, dhn, lengths, h0, w, g, bias_hh, out, hw_hat, gates, rstd)
