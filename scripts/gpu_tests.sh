@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Checks of the triton backend on a CUDA GPU (H100/H200), < 3 minutes. Run from the repository root:
+# Checks of the triton backend on a CUDA GPU (H100/H200), < 4 minutes. Run from the repository root:
 #     bash scripts/gpu_tests.sh
 # Needs python3 with torch + triton (and CUDA). Part 1 needs pytest: if python3 lacks it, copy the
 # pure-Python packages from .venv (carry: .venv/lib/python3.11/site-packages/{pytest,_pytest,pluggy,
 # iniconfig,packaging,pygments,py.py}); without them part 1 is skipped and said so.
 #   1. tests/test_backend_triton.py on cuda tensors, compiled kernels (no interpreter), trimmed matrix;
+#      1b. tests/test_rnn_triton.py likewise (the fused LN-LSTM/GRU step kernels);
 #   2. large shapes: widths 1024..262144 x (bf16, fp32), rows = 2^27 / width (2^26 for fp32), forward
 #      and backward vs the reference, plus timings against the torch backend;
 #   3. int64 addressing: a bf16 tensor of more than 2^31 elements, last rows checked.
@@ -34,6 +35,13 @@ if $PY -c "import pytest" 2>/dev/null; then
     t0=$(date +%s)
     # --noconftest: tests/conftest.py imports hypothesis, which the GPU image may lack; this file needs none
     LAYERNORM_TEST_DEVICE=cuda LAYERNORM_TEST_QUICK=1 timeout 95 $PY -m pytest tests/test_backend_triton.py \
+        --noconftest -q -x -p no:cacheprovider -W ignore::RuntimeWarning 2>&1 | tail -15
+    rc=${PIPESTATUS[0]}
+    echo "   pytest exit code $rc ($(( $(date +%s) - t0 )) s; 124 = timed out)"
+    [ "$rc" -ne 0 ] && status=1
+    echo "== 1b. tests/test_rnn_triton.py on cuda (the LN-LSTM/GRU step kernels; never compiled for a GPU before)"
+    t0=$(date +%s)
+    LAYERNORM_TEST_DEVICE=cuda timeout 60 $PY -m pytest tests/test_rnn_triton.py \
         --noconftest -q -x -p no:cacheprovider -W ignore::RuntimeWarning 2>&1 | tail -15
     rc=${PIPESTATUS[0]}
     echo "   pytest exit code $rc ($(( $(date +%s) - t0 )) s; 124 = timed out)"
