@@ -142,11 +142,11 @@ def _pick_impl(impl: Optional[str], x: Tensor):
         ext = _load_ext()
         if ext is None:
             raise RuntimeError(f"impl='cpp' requested but the C++ extension failed to build: {_ext_error}")
-        return _CppImpl(ext)
+        return _cpp_adapter(ext)
     if cpp_ok and os.environ.get(_ENV, "auto") != "torch":
         ext = _load_ext()
         if ext is not None:
-            return _CppImpl(ext)
+            return _cpp_adapter(ext)
     if x.device.type == "cuda" and os.environ.get(_ENV, "auto") != "torch":
         triton_impl, _ = _load_triton()
         if triton_impl is not None:
@@ -168,12 +168,6 @@ class _CppImpl:
 
     def __init__(self, ext):
         self.ext = ext
-
-    def __eq__(self, other):  # one adapter per extension, whatever the instance
-        return isinstance(other, _CppImpl) and other.ext is self.ext
-
-    def __hash__(self):
-        return hash(self.ext)
 
     def lstm_forward(self, xw, lengths, h0, c0, w, g, bias, wc, bc, eps, cell_norm, save):
         return self.ext.lstm_forward(xw, lengths, h0, c0, w, g, bias, wc, bc, eps, cell_norm, save, None)[:9]
@@ -202,6 +196,12 @@ class _CppImpl:
     def gru_backward_ln(self, *args):
         """gru_backward's arguments, then xw, g_ih, stats_ih -> its results, then d g_ih."""
         return self.ext.gru_backward(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_adapter(ext) -> _CppImpl:
+    """The one adapter of the loaded extension (every call of _pick_impl gets the same object)."""
+    return _CppImpl(ext)
 
 
 def _input_ln(xw: Tensor, g_ih: Tensor, blocks: Tuple[int, ...], eps: float) -> Tensor:
