@@ -17,8 +17,8 @@ Shapes: T = 100 time steps, batch B in {1, 32, 128}, input = hidden = H in {256,
 providers ``layernorm``, ``layernorm-torch-ops`` and ``torch`` (cuDNN) unless ``--providers`` is given.
 Measured: forward (no grad) and forward+backward (loss = output.sum()), median ms (min kept as
 ``*_min_ms``), the providers of a shape interleaved call by call so drifting load on a shared machine
-hits them alike; ``ratio`` is the time over the ``torch`` provider's in the same shape. Memory: on CUDA the peak allocated during
-forward+backward above what was allocated before; on CPU (where allocator statistics are not
+hits them alike; ``ratio`` is the time over the ``torch`` provider's in the same shape. Memory: on
+CUDA the peak allocated during forward+backward above what was allocated before; on CPU (where allocator statistics are not
 available) the bytes of the tensors autograd saves for backward in one forward, counted once per
 storage and without parameters: the "training memory" of the layer. Tensors a custom autograd
 function keeps outside ``save_for_backward`` are not seen by that count.

@@ -128,21 +128,24 @@ def _check_state(name: str, h: Tensor, expected: Tuple[int, ...], input: Tensor)
         raise RuntimeError(f"Expected {name} on the input's device {input.device}, got {h.device}")
 
 
-def _project(x: Tensor, w_ih: Tensor, gain: Tensor, blocks: List[int], eps: float, ln_backend) -> Tensor:
-    """xw = x W_ih^T for all steps in one GEMM, then LN over each block of the gate axis.
+def _ln_blocks(xw: Tensor, gain: Tensor, blocks: List[int], eps: float, ln_backend=None) -> Tensor:
+    """LN over each block of the gate axis (gain ``gain``, no shift); (..., sum(blocks)) contiguous.
 
-    x: (T, B, I) -> (T, B, sum(blocks)) contiguous. One batched layer_norm call per block (LSTM has
-    one block of 4H; GRU has 2H for r/u and H for the candidate).
-    """
-    xw = torch.matmul(x, w_ih.t())                             # (T, B, G*H)
+    One batched layer_norm call per block: the LSTM has one block of 4H; the GRU has 2H for r/u and
+    H for the candidate. Also the input LN of the fast recurrences that do not fuse it."""
     if len(blocks) == 1:
-        return LF.layer_norm(xw, (blocks[0],), gain, None, eps, backend=ln_backend)
+        return LF.layer_norm(xw, (blocks[0],), gain, None, eps, backend=ln_backend).contiguous()
     parts, start = [], 0
     for size in blocks:
         part = xw[..., start:start + size]
         parts.append(LF.layer_norm(part, (size,), gain[start:start + size], None, eps, backend=ln_backend))
         start += size
     return torch.cat(parts, dim=-1)
+
+
+def _project(x: Tensor, w_ih: Tensor, gain: Tensor, blocks: List[int], eps: float, ln_backend) -> Tensor:
+    """xw = x W_ih^T for all steps in one GEMM, then :func:`_ln_blocks`. x: (T, B, I) -> (T, B, sum(blocks))."""
+    return _ln_blocks(torch.matmul(x, w_ih.t()), gain, blocks, eps, ln_backend)   # (T, B, G*H)
 
 
 def _unpack_input(input, batch_first: bool, name: str):

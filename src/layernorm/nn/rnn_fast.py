@@ -206,16 +206,10 @@ def _cpp_adapter(ext) -> _CppImpl:
 
 def _input_ln(xw: Tensor, g_ih: Tensor, blocks: Tuple[int, ...], eps: float) -> Tensor:
     """LN(xw) over each block of the gate axis (gain g_ih, no shift), for implementations that do
-    not fuse it: the layer module's former ``_project`` step."""
-    from .. import functional as LF
+    not fuse it: what the layer module does for the reference recurrence (``rnn._ln_blocks``)."""
+    from .rnn import _ln_blocks  # rnn imports this module lazily; import it lazily back
 
-    if len(blocks) == 1:
-        return LF.layer_norm(xw, (blocks[0],), g_ih, None, eps).contiguous()       # (T, B, 4H)
-    parts, start = [], 0
-    for size in blocks:
-        parts.append(LF.layer_norm(xw[..., start:start + size], (size,), g_ih[start:start + size], None, eps))
-        start += size
-    return torch.cat(parts, dim=-1)                                                  # (T, B, 3H)
+    return _ln_blocks(xw, g_ih, list(blocks), eps)
 
 
 # ------------------------------------------------------------------------------------------------
