@@ -343,7 +343,7 @@ class _LNRNNBase(nn.Module):
                     xw_ln = _project(xin, p["weight_ih"], p["ln_ih_weight"], self._blocks, self.eps, ln_backend)
                     out, *fin = self._recurrence(fns, xw_ln.contiguous(), run_lengths, state, p)
                 else:  # the fast recurrence normalizes the projection itself (in its time loop, for C++)
-                    xw = torch.matmul(xin, p["weight_ih"].t())  # (T, B, G*H)
+                    xw = fns.input_projection(xin, p["weight_ih"])  # (T, B, G*H)
                     out, *fin = self._recurrence(fns, xw, run_lengths, state, p, ln_ih_weight=p["ln_ih_weight"])
                 if direction == 1:
                     out = reverse_padded(out, run_lengths)

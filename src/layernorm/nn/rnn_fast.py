@@ -204,6 +204,37 @@ def _cpp_adapter(ext) -> _CppImpl:
     return _CppImpl(ext)
 
 
+class _CppLinear(torch.autograd.Function):
+    """y = x W^T and its backward through the extension's GEMM (oneDNN where torch exports it, as
+    ``nn.LSTM``'s CPU kernel uses; else MKL). x: (N, K) contiguous, w: (M, K)."""
+
+    @staticmethod
+    def forward(ctx, x, w, ext):
+        ctx.ext = ext
+        ctx.save_for_backward(x, w)
+        return ext.linear_forward(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx, dw = ctx.ext.linear_backward(dy.contiguous(), x, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, dw, None
+
+
+def input_projection(x: Tensor, w_ih: Tensor, impl: Optional[str] = None) -> Tensor:
+    """``x W_ih^T`` for all steps at once: x (T, B, I), w_ih (G*H, I) -> (T, B, G*H).
+
+    When the recurrence runs in C++ (float32 on CPU), this GEMM and its two backward GEMMs go through
+    the extension's GEMM library, like the recurrence's own; otherwise it is ``torch.matmul``."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w_ih.dtype == torch.float32
+            and not torch.compiler.is_compiling() and x.numel() > 0
+            and isinstance(_pick_impl(impl, x), _CppImpl)):
+        T, B, I = x.shape
+        ext = _pick_impl(impl, x).ext
+        return _CppLinear.apply(x.reshape(T * B, I).contiguous(), w_ih.contiguous(), ext).view(T, B, -1)
+    return torch.matmul(x, w_ih.t())
+
+
 def _input_ln(xw: Tensor, g_ih: Tensor, blocks: Tuple[int, ...], eps: float) -> Tensor:
     """LN(xw) over each block of the gate axis (gain g_ih, no shift), for implementations that do
     not fuse it: what the layer module does for the reference recurrence (``rnn._ln_blocks``)."""
