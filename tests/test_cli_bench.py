@@ -171,3 +171,65 @@ def test_block_runs_and_compares():
     (blk,) = doc["block"]
     assert blk["torch_ms"] > 0 and blk["ours_ms"] > 0 and blk["max_rel_err_output"] < 1e-4
     assert doc["results"] == []
+
+
+def test_rnn_bench_quick_writes_valid_json(tmp_path):
+    from layernorm.bench import rnn as rnn_bench
+
+    argv = ["--quick", "--device", "cpu", "--modes", "LSTM", "--providers", "layernorm,torch", "--out", str(tmp_path)]
+    assert rnn_bench.main(argv) == 0
+    doc = json.loads((tmp_path / "rnn-cpu-quick-custom.json").read_text())
+    assert doc["benchmark"] == "rnn" and doc["device"] == "cpu" and doc["quick"]
+    assert doc["malloc"]["how"].startswith("absent")  # in-process: not re-executed
+    if doc["recurrence_impl"] == "cpp":
+        assert doc["recurrence_gemm"] in ("onednn", "mkl")
+    else:
+        assert doc["recurrence_gemm"] is None
+    rows = doc["results"]
+    assert {r["provider"] for r in rows} == {"layernorm", "torch"}
+    assert {r["B"] for r in rows} == {1, 16}
+
+
+class _Exec(Exception):
+    pass
+
+
+def _capture_execve(monkeypatch):
+    from layernorm.bench import _malloc
+
+    calls = []
+
+    def fake_execve(path, args, env):
+        calls.append((path, args, env))
+        raise _Exec
+
+    monkeypatch.setattr(_malloc.os, "execve", fake_execve)
+    for k in (*_malloc.MALLOC_ADVICE, _malloc._REEXEC_MARK):
+        monkeypatch.delenv(k, raising=False)
+    return _malloc, calls
+
+
+@pytest.mark.parametrize("argv", [["bench", "--quick"], ["bench", "--rnn", "--quick"]])
+def test_cpu_bench_reexecutes_once_with_malloc_advice(monkeypatch, argv):
+    _malloc, calls = _capture_execve(monkeypatch)
+    with pytest.raises(_Exec):
+        _malloc.maybe_reexec(argv, "cpu", disabled=False)
+    path, args, env = calls[0]
+    assert args[1:] == ["-m", "layernorm.cli", *argv]
+    assert env[_malloc._REEXEC_MARK] == "1"
+    for k, v in _malloc.MALLOC_ADVICE.items():
+        assert env[k] == v
+
+
+def test_no_reexec_when_disabled_done_set_or_cuda(monkeypatch):
+    _malloc, calls = _capture_execve(monkeypatch)
+    _malloc.maybe_reexec(["bench"], "cpu", disabled=True)
+    _malloc.maybe_reexec(["bench"], "cuda", disabled=False)
+    monkeypatch.setenv(_malloc._REEXEC_MARK, "1")
+    _malloc.maybe_reexec(["bench"], "cpu", disabled=False)
+    monkeypatch.delenv(_malloc._REEXEC_MARK)
+    for k, v in _malloc.MALLOC_ADVICE.items():
+        monkeypatch.setenv(k, v)
+    _malloc.maybe_reexec(["bench"], "cpu", disabled=False)
+    assert calls == []
+    assert _malloc.malloc_state("cpu")["how"] == "inherited from the environment"

@@ -42,6 +42,13 @@ def lib(request, ext, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["packed", "unpacked"])
+def packing(request, monkeypatch):
+    """W_hh packed once per call (oneDNN reorder or MKL pack), or the plain GEMM at every step."""
+    monkeypatch.setenv("LAYERNORM_RNN_PACKED_GEMM", "1" if request.param == "packed" else "0")
+    return request.param
+
+
 def _rand(g, *shape, scale=1.0):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)
 
@@ -94,7 +101,7 @@ def _ln(xw, g, blocks, eps=1e-5):
 
 
 @pytest.mark.parametrize("T,B,H", [(5, 1, 24), (4, 2, 17), (6, 7, 24), (3, 33, 8)])
-def test_lstm_fp32_matches_fp64_reference(lib, T, B, H):
+def test_lstm_fp32_matches_fp64_reference(lib, packing, T, B, H):
     lengths = torch.tensor(([T, 1, T - 2] * B)[:B]) if B > 1 else None
     a = _lstm_args(T, B, H, seed=B)
     f32, f64 = _leaves(a, torch.float32), _leaves(a, torch.float64)
@@ -110,7 +117,7 @@ def test_lstm_fp32_matches_fp64_reference(lib, T, B, H):
 
 
 @pytest.mark.parametrize("T,B,H", [(5, 1, 24), (4, 2, 17), (6, 7, 24)])
-def test_gru_fp32_matches_fp64_reference(lib, T, B, H):
+def test_gru_fp32_matches_fp64_reference(lib, packing, T, B, H):
     lengths = torch.tensor(([T, 1, T - 2] * B)[:B]) if B > 1 else None
     a = _gru_args(T, B, H, seed=B)
     f32, f64 = _leaves(a, torch.float32), _leaves(a, torch.float64)

@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if "--rnn" in rest:
                 rest = [a for a in rest if a != "--rnn"]
                 fn = _import_main("layernorm.bench.rnn", "the RNN benchmark (layernorm.bench.rnn)")
-                return 2 if fn is None else int(fn(rest) or 0)
+                return 2 if fn is None else int(fn(rest, allow_reexec=from_command_line) or 0)
             fn = _import_main("layernorm.bench.norm", "the norm benchmark (layernorm.bench.norm)")
             if fn is None:
                 return 2

@@ -74,11 +74,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
            "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
 
-# glibc: allocations at or above the mmap threshold are mmapped fresh (page faults on every call)
-# and freed memory above the trim threshold is returned to the OS. 32 MiB is the largest threshold
-# glibc accepts on 64-bit, so CPU tensors are kept under 32 MiB by the default grid.
-MALLOC_ADVICE = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
-_REEXEC_MARK = "LAYERNORM_BENCH_REEXEC"
+from ._malloc import MALLOC_ADVICE, malloc_state as _malloc_state, maybe_reexec  # noqa: E402,F401
 
 CPU_COLS = (256, 1024, 4096, 16384)
 CPU_TARGET_MB = (4, 12, 28)
@@ -803,33 +799,9 @@ def _timer_config(args, device) -> TimerConfig:
     return cfg
 
 
-def _malloc_state(device) -> dict:
-    state = {k: os.environ.get(k) for k in MALLOC_ADVICE}
-    if os.environ.get(_REEXEC_MARK) == "1":
-        how = "set by the CLI (re-executed itself with them)"
-    elif all(state.values()):
-        how = "inherited from the environment"
-    elif device.type != "cpu":
-        how = "not needed (CUDA)"
-    else:
-        how = ("absent: not re-executed (in-process call or --no-reexec); large CPU allocations may be "
-               "mmapped fresh per call")
-    return {"values": state, "how": how, "advice": MALLOC_ADVICE}
-
-
 def _maybe_reexec(argv: List[str], args) -> None:
     """CPU: re-execute ``python -m layernorm.cli bench ...`` with the malloc advice set, once."""
-    if args.no_reexec or os.environ.get(_REEXEC_MARK) == "1" or all(os.environ.get(k) for k in MALLOC_ADVICE):
-        return
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        return
-    env = dict(os.environ)
-    for k, v in MALLOC_ADVICE.items():
-        env.setdefault(k, v)
-    env[_REEXEC_MARK] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "layernorm.cli", "bench", *argv], env)
+    maybe_reexec(["bench", *argv], args.device, args.no_reexec)
 
 
 def _sigterm_as_interrupt() -> None:

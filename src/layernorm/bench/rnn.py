@@ -32,12 +32,14 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ._malloc import malloc_state, maybe_reexec
 from ._machine import describe_machine
 from ._timing import TimerConfig, time_interleaved, timing_method
 
@@ -161,6 +163,15 @@ def _recurrence_impl(device: torch.device) -> str:
     return {"_TorchImpl": "torch", "_TritonImpl": "triton"}.get(getattr(impl, "__name__", ""), "cpp")
 
 
+def _recurrence_gemm(impl: Optional[str]) -> Optional[str]:
+    """GEMM library of the C++ recurrence for float32 ("onednn" or "mkl"); None for other implementations."""
+    if impl != "cpp":
+        return None
+    from layernorm.nn import rnn_fast
+
+    return rnn_fast._load_ext().gemm_library()
+
+
 def _with_env(provider: str, fn: Callable[[], object]) -> Callable[[], object]:
     def call():
         with _impl_env(provider):
@@ -243,8 +254,11 @@ def _print_table(rows: List[dict], title: str) -> None:
     console.print(table)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; ``argv`` None means ``sys.argv[1:]``. Returns the exit status."""
+def main(argv: Optional[Sequence[str]] = None, *, allow_reexec: bool = False) -> int:
+    """Run the benchmark; ``argv`` None means ``sys.argv[1:]``. Returns the exit status.
+
+    ``allow_reexec`` (only from the real command line): on CPU, re-execute once with glibc's malloc
+    thresholds set (:mod:`layernorm.bench._malloc`), so that no provider's time includes fresh pages."""
     p = argparse.ArgumentParser(prog="layernorm bench --rnn", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (< 30 s on CPU)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON result")
@@ -258,7 +272,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batches", default=None, help="comma list of batch sizes to run instead of the default")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads(N) first (1 gives stabler numbers on a shared machine)")
-    args = p.parse_args(None if argv is None else list(argv))
+    p.add_argument("--no-reexec", action="store_true",
+                   help="CPU: do not re-execute with glibc malloc thresholds set (see layernorm.bench._malloc)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    if allow_reexec:
+        maybe_reexec(["bench", "--rnn", *argv], args.device, args.no_reexec)
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
@@ -320,6 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "clock": "time.perf_counter per call" + (" after torch.cuda.synchronize" if device.type == "cuda" else "")},
         "recurrence_module": fast_module,
         "recurrence_impl": fast_impl,
+        "recurrence_gemm": _recurrence_gemm(fast_impl),
+        "malloc": malloc_state(device),
         "dtype": "float32",
         "T": T,
         "elapsed_s": round(elapsed, 2),

@@ -13,6 +13,7 @@
 // without them NO row loop vectorizes (checked with -fopt-info-vec) and the forward is 3x slower.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <cstdint>
@@ -20,12 +21,20 @@
 #include <cstdlib>
 #include <sys/mman.h>
 #include <string>
+#include <string_view>
 #include <vector>
 
 // ATen's oneDNN matmul; ships no public header. Weak: see gemm_lib() below.
 namespace at { namespace native {
 void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
                    float alpha) __attribute__((weak));
+at::Tensor mkldnn_linear_pointwise(const at::Tensor& input_t, const at::Tensor& weight_t,
+                                   const std::optional<at::Tensor>& bias_opt, std::string_view attr,
+                                   c10::List<std::optional<at::Scalar>> scalars,
+                                   std::optional<std::string_view> algorithm) __attribute__((weak));
+at::Tensor mkldnn_linear_pointwise_binary(const at::Tensor& input_t, const at::Tensor& other_t,
+                                          const at::Tensor& weight_t, const std::optional<at::Tensor>& bias_opt,
+                                          std::string_view attr) __attribute__((weak));
 }}  // namespace at::native
 
 namespace {
@@ -203,12 +212,37 @@ bool packed_gemm_enabled() {
   return !(e != nullptr && e[0] == '0');
 }
 
+// W as oneDNN's matmul wants it for `rows` rows (its blocked layout, an opaque MKLDNN tensor), through
+// the op torch.compile's CPU backend uses (mkldnn::_reorder_linear_weight); undefined where that op
+// or the exported linear functions are missing, or the reorder fails.
+at::Tensor onednn_packed_weight(const at::Tensor& w_out_in, int64_t rows) {
+  if (&at::native::mkldnn_linear_pointwise == nullptr || &at::native::mkldnn_linear_pointwise_binary == nullptr)
+    return {};
+  const char* e = std::getenv("LAYERNORM_RNN_PACKED_GEMM");
+  if (e != nullptr && e[0] == '0') return {};
+  try {
+    auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
+    if (!op.has_value()) return {};
+    return op->typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>().call(w_out_in.contiguous(), rows);
+  } catch (const std::exception&) {
+    return {};
+  }
+}
+
 // out = a @ op(W) (+ out when accumulating) at every step, with W fixed for the whole loop.
-// float32 goes to oneDNN where available (see gemm() above), on a contiguous op(W), which ran faster
-// than a transposed view. Without oneDNN, a (B x K) by (K x N) product with small B re-packs all of W
-// into MKL's panel layout on every call; with `pack`, W is packed once per call (cblas_sgemm_pack)
-// and reused at every step (cblas_sgemm_compute): the same bits, minus the repeated packing (7% faster
-// forward h W_hh^T at B = 32, 10% at B = 1; the backward's dhw W_hh was 2-5% slower packed).
+// A (B x K) by (K x N) product with small B spends much of its time re-packing all of W into the
+// GEMM's blocked layout at every call; packing W once per call and reusing it at every step removes
+// that, with the same result bits at every step. In order of preference:
+//  - oneDNN (see gemm() above), B >= 2: W reordered once (onednn_packed_weight), then
+//    mkldnn_linear_pointwise(_binary) per step. Per step at H = 256, 2 threads: 86 against 103 us
+//    for the plain oneDNN matmul forward at B = 32, 18 against 32 us at B = 2; H = 512, B = 32:
+//    310 against 370 us. The result is a new tensor, which run() returns.
+//  - oneDNN's plain matmul on a contiguous op(W) (packing unavailable or switched off).
+//  - MKL (float32, no oneDNN, or B = 1, a GEMV where MKL was 1.4-2.5x faster than oneDNN's matmul):
+//    with `pack`, cblas_sgemm_pack once and cblas_sgemm_compute per step (7% faster forward
+//    h W_hh^T at B = 32, 10% at B = 1; the backward's dhw W_hh was 2-5% slower packed, so it is not).
+//  - ATen's mm (float64; or no MKL).
+// LAYERNORM_RNN_PACKED_GEMM=0 switches both kinds of packing off (for A/B measurement).
 class StepGemm {
  public:
   // forward: op(W) = W^T with W (N x K) = W_hh (4H x H);  backward: op(W) = W = W_hh (K x N).
@@ -216,10 +250,13 @@ class StepGemm {
     k_ = transpose ? w.size(1) : w.size(0);
     n_ = transpose ? w.size(0) : w.size(1);
     const bool fits = m < (1 << 30) && k_ < (1 << 30) && n_ < (1 << 30);
-    // A single row (B = 1) is a GEMV, where MKL was 1.4-2.5x faster than oneDNN's matmul (its per-call
-    // overhead); from 2 rows on oneDNN was 0-45% faster (H = 256 and 512, 2 threads).
     if (m < 2) lib_ = GemmLib::kMkl;
     const bool onednn = lib_ == GemmLib::kOneDnn && w.scalar_type() == at::kFloat;
+    if (onednn) {
+      // linear's weight is (out, in) = op(W)^T: W_hh itself forward, W_hh^T backward
+      dnn_packed_ = onednn_packed_weight(transpose ? w : w.t(), m);
+    }
+    if (dnn_packed_.defined()) return;
     if (!onednn && pack && w.scalar_type() == at::kFloat && m > 0 && fits && packed_gemm_enabled()) {
       auto wc = w.contiguous();
       const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n_), int(k_));
@@ -230,21 +267,29 @@ class StepGemm {
       w_ = transpose ? w.t().contiguous() : w.contiguous();  // (K, N): a transposed view ran ~1.5x slower
     }
   }
-  // out (m x N) = a (m x K) @ op(W), plus out's previous value when accumulate.
-  void run(const at::Tensor& a, at::Tensor& out, bool accumulate) const {
-    if (packed_.defined()) {
+  // a (m x K) @ op(W), plus out's previous value when accumulate. Returns the tensor holding the
+  // result: `out`, or (packed oneDNN, not accumulating) a new (m x N) tensor; read the result from it.
+  at::Tensor run(const at::Tensor& a, at::Tensor& out, bool accumulate) const {
+    if (dnn_packed_.defined()) {
+      if (!accumulate) {
+        return at::native::mkldnn_linear_pointwise(a, dnn_packed_, std::nullopt, "none",
+                                                   c10::List<std::optional<at::Scalar>>(), std::nullopt);
+      }
+      out.copy_(at::native::mkldnn_linear_pointwise_binary(a, out, dnn_packed_, std::nullopt, "add"));
+    } else if (packed_.defined()) {
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a.data_ptr<float>(),
                           int(a.stride(0)), packed_.data_ptr<float>(), int(n_), accumulate ? 1.0f : 0.0f,
                           out.data_ptr<float>(), int(out.stride(0)));
     } else {
       gemm(a, w_, out, accumulate, lib_);
     }
+    return out;
   }
 
  private:
   int64_t m_, k_ = 0, n_ = 0;
   GemmLib lib_;
-  at::Tensor packed_, w_;
+  at::Tensor dnn_packed_, packed_, w_;
 };
 
 // x (rows x K) @ W^T, dy @ W and dy^T @ x with the GEMM library above: the layer's input projection
@@ -323,9 +368,9 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& xw, const c10::optional<a
     T_* out_p = out.data_ptr<T_>();
     T_* h_p = h.data_ptr<T_>();
     T_* c_p = c.data_ptr<T_>();
-    const T_* hw_p = hw.data_ptr<T_>();
     for (int64_t t = 0; t < T; ++t) {
-      gemm.run(h, hw, false);  // (B, 4H) = h W_hh^T
+      const at::Tensor hw_t = gemm.run(h, hw, false);  // (B, 4H) = h W_hh^T
+      const T_* hw_p = hw_t.data_ptr<T_>();
       const int64_t ts = save ? t : 0;
       T_* hh_t = hw_hat.data_ptr<T_>() + ts * B * H4;
       T_* ga_t = gates.data_ptr<T_>() + ts * B * H4;
@@ -482,12 +527,13 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
     T_* agi_p = ln_ih ? acc_gih.data_ptr<T_>() : nullptr;
     for (int64_t t = T - 1; t >= 0; --t) {
       at::parallel_for(0, B, grain_for(B, H), [&](int64_t b0, int64_t b1) {
-        std::vector<T_> buf(2 * H + H4 + (ln_ih ? 2 * H4 : 0));
+        std::vector<T_> buf(3 * H + H4 + (ln_ih ? 2 * H4 : 0));
         T_* dch = buf.data();      // d c_hat (H)
         T_* dov = dch + H;         // d o after activation (H)
         T_* dhh = dov + H;         // d hw_hat (4H); then d of the input LN's x_hat
         T_* dAb = dhh + H4;        // with g_ih: the gate gradient dA (4H) ...
         T_* xih = dAb + H4;        // ... and the input LN's x_hat (4H)
+        T_* tcb = buf.data() + 2 * H + H4 + (ln_ih ? 2 * H4 : 0);  // tanh(LN(c_t)) (H)
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t tb = t * B + b;
           T_* dxr = dxw_p + tb * H4;
@@ -515,10 +561,15 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             T_* awc = awc_p + b * H;
             T_* abc = abc_p + b * H;
             T_ s1 = 0, s2 = 0;
+            // tanh(LN(c)) first, in its own loop: inside the reduction loop below, gcc emitted the
+            // vector loop but ran a scalar version of it (vdivss in perf annotate): that one loop over
+            // H took a third of the backward row pass. Split, the LSTM B=32 backward is ~10% faster.
+#pragma omp simd
+            for (int64_t k = 0; k < H; ++k) tcb[k] = t_tanh<T_>((cr[k] - m2) * r2 * wc_p[k] + bc_p[k]);
 #pragma omp simd reduction(+ : s1, s2)
             for (int64_t k = 0; k < H; ++k) {
               const T_ chat = (cr[k] - m2) * r2;
-              const T_ tc = t_tanh<T_>(chat * wc_p[k] + bc_p[k]);
+              const T_ tc = tcb[k];
               const T_ dhv = dor[k] + dhc[k];
               dov[k] = dhv * tc;
               const T_ dcn = dhv * go[k] * (T_(1) - tc * tc);
@@ -649,9 +700,9 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& xw, const c10::optional<at
     const T_* bn_p = bn.data_ptr<T_>();
     T_* out_p = out.data_ptr<T_>();
     T_* h_p = h.data_ptr<T_>();
-    const T_* hw_p = hw.data_ptr<T_>();
     for (int64_t t = 0; t < T; ++t) {
-      gemm.run(h, hw, false);  // (B, 3H) = h W_hh^T
+      const at::Tensor hw_t = gemm.run(h, hw, false);  // (B, 3H) = h W_hh^T
+      const T_* hw_p = hw_t.data_ptr<T_>();
       const int64_t ts = save ? t : 0;
       T_* hh_t = hw_hat.data_ptr<T_>() + ts * B * H3;
       T_* ga_t = gates.data_ptr<T_>() + ts * B * H3;
