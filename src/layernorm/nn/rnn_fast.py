@@ -11,9 +11,10 @@ layer-norm statistics; ``h_{t-1}`` is read back from the output; ``dW_hh`` is on
 ``"cpp"``
     The whole time loop in C++ (``_rnn_cpp/rnn.cpp``, built on first use with
     ``torch.utils.cpp_extension`` and cached under ``$TORCH_EXTENSIONS_DIR`` or
-    ``~/.cache/torch_extensions``). The recurrent GEMM goes to ``at::mm_out`` (MKL on torch's own
-    OpenMP pool); the layer norms, gates and cell update are one fused pass per batch row. CPU,
-    float32/float64.
+    ``~/.cache/torch_extensions``). The recurrent GEMM goes to oneDNN (ATen's exported wrappers,
+    W_hh packed once per call; ``$LAYERNORM_RNN_GEMM`` = ``auto``/``onednn``/``mkl``) or else to MKL,
+    on torch's own OpenMP pool; the layer norms, gates and cell update are one fused pass per batch
+    row. CPU, float32/float64 (float64 GEMMs go to ATen).
 ``"torch"``
     The same forward/backward written with torch ops per step in Python. Runs on any device
     (CUDA included) and is the fallback when the extension cannot be built (no compiler).
