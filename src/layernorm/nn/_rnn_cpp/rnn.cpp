@@ -239,12 +239,12 @@ at::Tensor onednn_packed_weight(const at::Tensor& w_out_in, int64_t rows) {
 // A (B x K) by (K x N) product with small B spends much of its time re-packing all of W into the
 // GEMM's blocked layout at every call; packing W once per call and reusing it at every step removes
 // that, with the same result bits at every step. In order of preference:
-//  - oneDNN (see gemm() above), B >= 2: W reordered once (onednn_packed_weight), then
+//  - oneDNN (see gemm() above), B >= 2 (B = 1 too when W exceeds 2 MiB): W reordered once (onednn_packed_weight), then
 //    mkldnn_linear_pointwise(_binary) per step. Per step at H = 256, 2 threads: 86 against 103 us
 //    for the plain oneDNN matmul forward at B = 32, 18 against 32 us at B = 2; H = 512, B = 32:
 //    310 against 370 us. The result is a new tensor, which run() returns.
 //  - oneDNN's plain matmul on a contiguous op(W) (packing unavailable or switched off).
-//  - MKL (float32, no oneDNN, or B = 1, a GEMV where MKL was 1.4-2.5x faster than oneDNN's matmul):
+//  - MKL (float32, no oneDNN, or B = 1 with a small W: a GEMV, where MKL was 1.4-2.5x faster than oneDNN's matmul):
 //    with `pack`, cblas_sgemm_pack once and cblas_sgemm_compute per step (7% faster forward
 //    h W_hh^T at B = 32, 10% at B = 1; the backward's dhw W_hh was 2-5% slower packed, so it is not).
 //  - ATen's mm (float64; or no MKL).
@@ -256,14 +256,19 @@ class StepGemm {
     k_ = transpose ? w.size(1) : w.size(0);
     n_ = transpose ? w.size(0) : w.size(1);
     const bool fits = m < (1 << 30) && k_ < (1 << 30) && n_ < (1 << 30);
-    if (m < 2) lib_ = GemmLib::kMkl;
-    const bool onednn = lib_ == GemmLib::kOneDnn && w.scalar_type() == at::kFloat;
-    if (onednn) {
+    const bool f32 = w.scalar_type() == at::kFloat;
+    // One row is a GEMV: there MKL beat oneDNN's plain matmul 1.4-2.5x, and its packed one only once
+    // W outgrows the L2 cache (H = 512: 45 against 71 us forward, 57 against 85 backward; H = 256:
+    // 21 against 18 us), hence the size limit (2 MiB of float32 weights).
+    const bool small_gemv = m < 2 && k_ * n_ <= (int64_t(1) << 19);
+    if (lib_ == GemmLib::kOneDnn && f32 && m > 0 && !small_gemv) {
       // linear's weight is (out, in) = op(W)^T: W_hh itself forward, W_hh^T backward
       dnn_packed_ = onednn_packed_weight(transpose ? w : w.t(), m);
     }
     if (dnn_packed_.defined()) return;
-    if (!onednn && pack && w.scalar_type() == at::kFloat && m > 0 && fits && packed_gemm_enabled()) {
+    if (m < 2) lib_ = GemmLib::kMkl;
+    const bool onednn = lib_ == GemmLib::kOneDnn && f32;
+    if (!onednn && pack && f32 && m > 0 && fits && packed_gemm_enabled()) {
       auto wc = w.contiguous();
       const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n_), int(k_));
       packed_ = at::empty({int64_t(bytes / sizeof(float)) + 16}, w.options());
