@@ -44,6 +44,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._malloc import maybe_reexec
+from ._malloc import malloc_state as _malloc_state
 from ._machine import describe_machine
 from ._providers import EPS, OPS, Provider, Unsupported, default_providers
 from ._timing import TimerConfig, Timing, time_fn, timing_method
@@ -73,8 +75,6 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
            "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
-
-from ._malloc import MALLOC_ADVICE, malloc_state as _malloc_state, maybe_reexec  # noqa: E402,F401
 
 CPU_COLS = (256, 1024, 4096, 16384)
 CPU_TARGET_MB = (4, 12, 28)
@@ -132,7 +132,7 @@ def build_parser(prog: str = "layernorm bench") -> argparse.ArgumentParser:
     p.add_argument("--block-rows", type=int, default=None, help="block input rows (default 8192; 1024 with --quick)")
     p.add_argument("--block-hidden", type=int, default=1024, help="block hidden size H")
     p.add_argument("--no-reexec", action="store_true",
-                   help="CPU: do not re-execute with glibc malloc thresholds set (see MALLOC_ADVICE)")
+                   help="CPU: do not re-execute with glibc malloc thresholds set (see layernorm.bench._malloc)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no tables")
     p.add_argument("--tune", action="store_true",
@@ -165,7 +165,7 @@ def _parse_list(spec: str, allowed: Sequence[str], flag: str) -> List[str]:
 # ------------------------------------------------------------------------------------------ grid
 def default_grid(device: torch.device, dtype: torch.dtype, quick: bool, cols=None, rows=None,
                  numel: int = CUDA_NUMEL) -> List[Tuple[int, int]]:
-    """(rows, cols) pairs. CPU: ~4/12/28 MB tensors per width (<32 MiB, see MALLOC_ADVICE);
+    """(rows, cols) pairs. CPU: ~4/12/28 MB tensors per width (<32 MiB, see layernorm.bench._malloc);
     CUDA: rows*cols = numel (2^27 by default: 512 MB fp32 tensors, far beyond L2)."""
     elt = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":

@@ -228,11 +228,11 @@ def input_projection(x: Tensor, w_ih: Tensor, impl: Optional[str] = None) -> Ten
     When the recurrence runs in C++ (float32 on CPU), this GEMM and its two backward GEMMs go through
     the extension's GEMM library, like the recurrence's own; otherwise it is ``torch.matmul``."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and w_ih.dtype == torch.float32
-            and not torch.compiler.is_compiling() and x.numel() > 0
-            and isinstance(_pick_impl(impl, x), _CppImpl)):
-        T, B, I = x.shape
-        ext = _pick_impl(impl, x).ext
-        return _CppLinear.apply(x.reshape(T * B, I).contiguous(), w_ih.contiguous(), ext).view(T, B, -1)
+            and not torch.compiler.is_compiling() and x.numel() > 0):
+        imp = _pick_impl(impl, x)
+        if isinstance(imp, _CppImpl):
+            T, B, I = x.shape
+            return _CppLinear.apply(x.reshape(T * B, I).contiguous(), w_ih.contiguous(), imp.ext).view(T, B, -1)
     return torch.matmul(x, w_ih.t())
 
 
