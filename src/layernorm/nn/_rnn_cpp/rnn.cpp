@@ -194,8 +194,10 @@ void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumu
   }
 }
 
+// A new (rows x N) product. empty_big (huge pages): the input projection at B = 128 is 52 MB, mapped
+// fresh at every call, and its page faults made the B = 128 forward 13% slower (99 against 86 ms).
 at::Tensor gemm_new(const at::Tensor& a, const at::Tensor& b, GemmLib lib) {
-  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  auto out = empty_big({a.size(0), b.size(1)}, a.options());
   gemm(a, b, out, false, lib);
   return out;
 }
