@@ -24,7 +24,8 @@
 #include <string_view>
 #include <vector>
 
-// ATen's oneDNN matmul; ships no public header. Weak: see gemm_lib() below.
+// ATen's oneDNN matmul and linear functions; no public header ships them. Weak: where torch lacks
+// them the pointers are null (gemm_lib(), onednn_packed_weight() below).
 namespace at { namespace native {
 void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
                    float alpha) __attribute__((weak));
@@ -157,7 +158,6 @@ std::vector<int64_t> lengths_vec(const c10::optional<at::Tensor>& lengths, int64
 // at::mm (MKL): the step GEMM h W_hh^T at B = 32 109 against 139 us (MKL packed: ~129), the backward's
 // dhw W_hh 95 against 107 us, and the (T*B x 4H) GEMMs of the weight gradients 194 against 170 GFLOP/s.
 // nn.LSTM's CPU kernel is oneDNN's too, so this puts both on the same GEMMs.
-// (at::native::mkldnn_matmul is declared, weak, at the top of this file.)
 
 // LAYERNORM_RNN_GEMM: "onednn" / "mkl" force one library (for A/B measurement); unset or "auto" takes
 // oneDNN where it is there and enabled (torch.backends.mkldnn.enabled).
@@ -213,11 +213,16 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 }
 enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
 
+// LAYERNORM_RNN_PACKED_GEMM=0 switches off packing W once per call, MKL's and oneDNN's (A/B measurement).
+bool packing_allowed() {
+  const char* e = std::getenv("LAYERNORM_RNN_PACKED_GEMM");
+  return !(e != nullptr && e[0] == '0');
+}
+
 bool packed_gemm_enabled() {
   if (cblas_sgemm_pack_get_size == nullptr || cblas_sgemm_pack == nullptr || cblas_sgemm_compute == nullptr)
     return false;
-  const char* e = std::getenv("LAYERNORM_RNN_PACKED_GEMM");
-  return !(e != nullptr && e[0] == '0');
+  return packing_allowed();
 }
 
 // W as oneDNN's matmul wants it for `rows` rows (its blocked layout, an opaque MKLDNN tensor), through
@@ -226,8 +231,7 @@ bool packed_gemm_enabled() {
 at::Tensor onednn_packed_weight(const at::Tensor& w_out_in, int64_t rows) {
   if (&at::native::mkldnn_linear_pointwise == nullptr || &at::native::mkldnn_linear_pointwise_binary == nullptr)
     return {};
-  const char* e = std::getenv("LAYERNORM_RNN_PACKED_GEMM");
-  if (e != nullptr && e[0] == '0') return {};
+  if (!packing_allowed()) return {};
   try {
     auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
     if (!op.has_value()) return {};
