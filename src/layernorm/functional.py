@@ -104,8 +104,17 @@ def _aten_takes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> 
     return x.device.type == "cpu" and x.dtype in _LOW_PRECISION and all(p.dtype == torch.float32 for p in params)
 
 
-def _norm(input, residual, normalized_shape, weight, bias, eps, rms, backend):
+_CASTING_MODES = ("torch", "llama")
+
+
+def _norm(input, residual, normalized_shape, weight, bias, eps, rms, backend, offset=0.0, casting_mode="torch"):
     shape, N = _prepare(input, normalized_shape)
+    if casting_mode not in _CASTING_MODES:
+        raise ValueError(f"casting_mode must be one of {_CASTING_MODES}, but got {casting_mode!r}")
+    round_normalized = casting_mode == "llama" and input.dtype != reference.stat_dtype(input.dtype)
+    if offset != 0.0 or round_normalized:
+        # Hugging Face numerics (Gemma's 1 + w, Llama's casting): the spec, until the native op has them.
+        backend = "reference"
     if residual is not None:
         _check_input("residual", residual)
         if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:
@@ -135,7 +144,7 @@ def _norm(input, residual, normalized_shape, weight, bias, eps, rms, backend):
     if name == "reference" and x2d.numel() > 0:  # empty input: the custom op's no-launch path
         # The spec runs as plain PyTorch under autograd: differentiable to any order, and the
         # oracle against which the custom-op path (hand-written backward) is tested.
-        y, z, _, _ = reference.forward(x2d, r2d, w, b, eps, rms)
+        y, z, _, _ = reference.forward(x2d, r2d, w, b, eps, rms, offset, round_normalized)
     else:
         y, z, _, _ = ops.norm(x2d, r2d, w, b, eps, rms, name)
     y = y.view(input.shape)
@@ -179,16 +188,24 @@ def rms_norm(
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
     *,
+    offset: float = 0.0,
+    casting_mode: str = "torch",
     backend: Optional[str] = None,
 ) -> Tensor:
     r"""Root-mean-square normalization, as :func:`torch.nn.functional.rms_norm`.
 
     .. math::
-        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot \gamma
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot (\text{offset} + \gamma)
 
     ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
+
+    Args:
+        offset: added to the weight (Gemma stores ``w`` and multiplies by ``1 + w``). Default 0.
+        casting_mode: ``"torch"``: normalize and scale in float32, round once (torch, Gemma, OLMo2);
+            ``"llama"``: the normalized value is rounded to the input dtype before the weight
+            multiply (Llama, Mistral, Qwen, Phi-3, T5). Identical for float32/float64 input.
     """
-    return _norm(input, None, normalized_shape, weight, None, eps, True, backend)
+    return _norm(input, None, normalized_shape, weight, None, eps, True, backend, offset, casting_mode)
 
 
 def add_layer_norm(
@@ -220,7 +237,10 @@ def add_rms_norm(
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
     *,
+    offset: float = 0.0,
+    casting_mode: str = "torch",
     backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Fused pre-norm residual: returns ``(rms_norm(input + residual), input + residual)``."""
-    return _norm(input, residual, normalized_shape, weight, None, eps, True, backend)
+    """Fused pre-norm residual: returns ``(rms_norm(input + residual), input + residual)``;
+    ``offset`` and ``casting_mode`` as in :func:`rms_norm`."""
+    return _norm(input, residual, normalized_shape, weight, None, eps, True, backend, offset, casting_mode)

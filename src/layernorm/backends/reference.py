@@ -61,7 +61,11 @@ def forward(
     bias: Optional[Tensor],
     eps: float,
     rms: bool,
+    offset: float = 0.0,
+    round_normalized: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
+    """``offset`` is added to the weight (Gemma's ``1 + w``); ``round_normalized`` rounds xhat to
+    x's dtype before the weight multiply (Llama's casting: ``w * xhat.to(input_dtype)``)."""
     acc = stat_dtype(x.dtype)
     z = None
     if residual is not None:
@@ -75,9 +79,11 @@ def forward(
         centered = h - mean[:, None]                           # (M, N)
     rstd = row_rstd(centered, eps)                             # (M,)
     xhat = centered * rstd[:, None]                            # (M, N) zero mean (LN), unit RMS
+    if round_normalized:
+        xhat = xhat.to(x.dtype).to(acc)                        # (M, N) rounded as the input dtype
     y = xhat
     if weight is not None:
-        y = y * weight.to(acc)                                 # (M, N) gain per column
+        y = y * (weight.to(acc) + offset)                      # (M, N) gain per column
     if bias is not None:
         y = y + bias.to(acc)                                   # (M, N) shift per column
     return y.to(x.dtype), z, mean, rstd
