@@ -928,7 +928,9 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& dout_in, const at::Tensor
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+namespace layernorm {
+
+void bind_rnn(pybind11::module& m) {
   m.def("lstm_forward", &lstm_forward);
   m.def("lstm_backward", &lstm_backward);
   m.def("gru_forward", &gru_forward);
@@ -937,3 +939,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_backward", &linear_backward);
   m.def("gemm_library", []() { return gemm_lib() == GemmLib::kOneDnn ? "onednn" : "mkl"; });
 }
+
+}  // namespace layernorm

@@ -1,0 +1,475 @@
+// CPU kernels of LayerNorm / RMSNorm (+ fused residual add), forward and backward.
+//
+// Forward, per row: pass 1 reads the row from memory (adding the residual and writing the sum, or
+// widening bfloat16/float16, into a float staging row) and sums it; pass 2 sums the squared
+// deviations from the mean -- exact two-pass statistics, never E[x^2] - E[x]^2; pass 3 writes the
+// output. Passes 2 and 3 read the row from L1/L2, so memory sees one read and one write per element.
+//
+// Backward, per row: pass A sums g*w*xhat and g*w; pass B writes dx and adds g*xhat and g into the
+// dweight/dbias partial rows of the row's chunk. Chunks are a partition of the rows that depends on
+// the shape only, and the partial rows are summed in chunk order, so dweight/dbias are the same bits
+// whatever the thread count.
+//
+// Sums use 4 vector accumulators that restart every kBlock elements (blocked summation: the error
+// grows with N / kBlock, not N); their order is fixed by this code, so results are deterministic.
+#include "norm_kernels.h"
+
+#include "simd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace layernorm {
+namespace {
+
+using simd::kLanes;
+using simd::Vec;
+
+template <typename T>
+using acc_t = typename simd::Acc<T>::type;
+
+// Elements per task below which a forward or backward pass is not split over threads: the start of a
+// parallel region costs a few microseconds, as much as normalizing ~16k floats.
+constexpr int64_t kParallelGrainElements = 32768;
+// dweight/dbias chunks: at most this many (enough for 64 threads), each of at least kChunkElements
+// elements when the shape allows (the partial rows then cost little next to dy and x).
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kChunkElements = 65536;
+
+template <typename A, typename VecTerm, typename ScalarTerm>
+inline A reduce(int64_t n, VecTerm vec_term, ScalarTerm scalar_term) {
+  constexpr int L = kLanes<A>;
+  constexpr int64_t kBlock = 64 * L;
+  using V = Vec<A>;
+  V total = {};
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t j = i; j < i + kBlock; j += 4 * L) {
+      a0 += vec_term(j);
+      a1 += vec_term(j + L);
+      a2 += vec_term(j + 2 * L);
+      a3 += vec_term(j + 3 * L);
+    }
+    total += (a0 + a1) + (a2 + a3);
+  }
+  V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (; i + 4 * L <= n; i += 4 * L) {
+    a0 += vec_term(i);
+    a1 += vec_term(i + L);
+    a2 += vec_term(i + 2 * L);
+    a3 += vec_term(i + 3 * L);
+  }
+  for (; i + L <= n; i += L) a0 += vec_term(i);
+  total += (a0 + a1) + (a2 + a3);
+  A s = simd::hsum<A>(total);
+  for (; i < n; ++i) s += scalar_term(i);
+  return s;
+}
+
+// Two sums in one sweep (the backward's pass A). vec_term(j, &u, &v) adds its terms to u and v.
+template <typename A, typename VecTerm, typename ScalarTerm>
+inline std::pair<A, A> reduce2(int64_t n, VecTerm vec_term, ScalarTerm scalar_term) {
+  constexpr int L = kLanes<A>;
+  constexpr int64_t kBlock = 64 * L;
+  using V = Vec<A>;
+  V total_u = {}, total_v = {};
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    V u0 = {}, u1 = {}, v0 = {}, v1 = {};
+    for (int64_t j = i; j < i + kBlock; j += 2 * L) {
+      vec_term(j, u0, v0);
+      vec_term(j + L, u1, v1);
+    }
+    total_u += u0 + u1;
+    total_v += v0 + v1;
+  }
+  V u0 = {}, u1 = {}, v0 = {}, v1 = {};
+  for (; i + 2 * L <= n; i += 2 * L) {
+    vec_term(i, u0, v0);
+    vec_term(i + L, u1, v1);
+  }
+  for (; i + L <= n; i += L) vec_term(i, u0, v0);
+  total_u += u0 + u1;
+  total_v += v0 + v1;
+  A su = simd::hsum<A>(total_u), sv = simd::hsum<A>(total_v);
+  for (; i < n; ++i) scalar_term(i, su, sv);
+  return {su, sv};
+}
+
+// rstd of a row whose squared deviations overflowed (|x| ~ 1e20 in float32): rescale by the largest
+// magnitude s, as reference.row_rstd: rstd = 1 / (s * sqrt(mean((c / s)^2) + eps / s^2)).
+// Returns the plain rstd unchanged when the row is not finite (NaN/Inf stay in their row).
+template <typename A>
+A rescaled_rstd(const A* h, int64_t n, A mean, A eps, A plain_rstd) {
+  A scale = 0;
+  for (int64_t j = 0; j < n; ++j) scale = std::max(scale, std::fabs(h[j] - mean));
+  if (!std::isfinite(scale) || std::isnan(scale)) return plain_rstd;
+  A safe = scale > 0 ? scale : A(1);
+  A sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    A c = (h[j] - mean) / safe;
+    sum += c * c;
+  }
+  return A(1) / std::sqrt(sum / A(n) + eps / (safe * safe)) / safe;
+}
+
+template <typename T, bool kRms>
+void forward_row(const T* x, const T* r, T* z, T* y, int64_t n, const acc_t<T>* w, const acc_t<T>* b,
+                 acc_t<T> eps, bool round_normalized, acc_t<T>* staging, acc_t<T>* mean_out,
+                 acc_t<T>* rstd_out) {
+  using A = acc_t<T>;
+  using V = Vec<A>;
+  constexpr int L = kLanes<A>;
+  constexpr bool kWide = std::is_same_v<T, A>;  // float32 or float64 storage: no staging needed
+  const bool staged = r != nullptr || !kWide;
+
+  // Pass 1: h = x (+ residual, rounded to T as it is stored in z); LN sums h, RMSNorm sums h^2.
+  const A* h;
+  A first;
+  if (staged) {
+    first = reduce<A>(
+        n,
+        [&](int64_t j) {
+          V v = simd::load(x + j);
+          if (r != nullptr) {
+            v = simd::round_to<T>(v + simd::load(r + j));
+            simd::store(z + j, v);
+          }
+          simd::store(staging + j, v);
+          return kRms ? v * v : v;
+        },
+        [&](int64_t j) {
+          A v = simd::to_acc(x[j]);
+          if (r != nullptr) {
+            z[j] = simd::from_acc<T>(v + simd::to_acc(r[j]));
+            v = simd::to_acc(z[j]);
+          }
+          staging[j] = v;
+          return kRms ? v * v : v;
+        });
+    h = staging;
+  } else {
+    h = reinterpret_cast<const A*>(x);
+    first = reduce<A>(
+        n,
+        [&](int64_t j) {
+          V v = simd::load(h + j);
+          return kRms ? v * v : v;
+        },
+        [&](int64_t j) { return kRms ? h[j] * h[j] : h[j]; });
+  }
+
+  // Pass 2: the biased variance about the mean (LN), or the mean square (RMSNorm).
+  const A mean = kRms ? A(0) : first / A(n);
+  A var;
+  if constexpr (kRms) {
+    var = first / A(n);
+  } else {
+    const V vmean = simd::splat(mean);
+    var = reduce<A>(
+              n,
+              [&](int64_t j) {
+                V c = simd::load(h + j) - vmean;
+                return c * c;
+              },
+              [&](int64_t j) {
+                A c = h[j] - mean;
+                return c * c;
+              }) /
+          A(n);
+  }
+  A rstd = A(1) / std::sqrt(var + eps);
+  if (std::isinf(var)) rstd = rescaled_rstd(h, n, mean, eps, rstd);
+
+  // Pass 3: y = xhat * w + b, xhat = (h - mean) * rstd (rounded to T first: Llama's casting).
+  const V vmean = simd::splat(mean), vrstd = simd::splat(rstd);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    V xh = (simd::load(h + j) - vmean) * vrstd;
+    if (round_normalized) xh = simd::round_to<T>(xh);
+    if (w != nullptr) xh = xh * simd::load(w + j);
+    if (b != nullptr) xh = xh + simd::load(b + j);
+    simd::store(y + j, xh);
+  }
+  for (; j < n; ++j) {
+    A xh = (h[j] - mean) * rstd;
+    if (round_normalized) xh = simd::round_scalar_to<T>(xh);
+    if (w != nullptr) xh = xh * w[j];
+    if (b != nullptr) xh = xh + b[j];
+    y[j] = simd::from_acc<T>(xh);
+  }
+  if (mean_out != nullptr) *mean_out = mean;
+  if (rstd_out != nullptr) *rstd_out = rstd;
+}
+
+template <typename T, bool kRms>
+void backward_row(const T* dy, const T* dz, const T* h, T* dx, int64_t n, const acc_t<T>* w, acc_t<T> mean,
+                  acc_t<T> rstd, bool round_normalized, acc_t<T>* dw_acc, acc_t<T>* db_acc) {
+  using A = acc_t<T>;
+  using V = Vec<A>;
+  constexpr int L = kLanes<A>;
+  const V vmean = simd::splat(mean), vrstd = simd::splat(rstd);
+
+  // Pass A: sum(dxhat * xhat) and sum(dxhat), dxhat = g * w.
+  A sum_dxhat_xhat = 0, sum_dxhat = 0;
+  if (dx != nullptr) {
+    std::tie(sum_dxhat_xhat, sum_dxhat) = reduce2<A>(
+        n,
+        [&](int64_t j, V& u, V& v) {
+          V g = simd::load(dy + j);
+          if (w != nullptr) g = g * simd::load(w + j);
+          V xh = (simd::load(h + j) - vmean) * vrstd;
+          u += g * xh;
+          if (!kRms) v += g;
+        },
+        [&](int64_t j, A& u, A& v) {
+          A g = simd::to_acc(dy[j]);
+          if (w != nullptr) g *= w[j];
+          A xh = (simd::to_acc(h[j]) - mean) * rstd;
+          u += g * xh;
+          if (!kRms) v += g;
+        });
+  }
+  // Pass B: dx = rstd * (dxhat - xhat * mean(dxhat * xhat) - mean(dxhat)) (+ dz); partial sums.
+  const A k1 = sum_dxhat_xhat / A(n), k2 = kRms ? A(0) : sum_dxhat / A(n);
+  const V vk1 = simd::splat(k1), vk2 = simd::splat(k2);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    V g = simd::load(dy + j);
+    V xh = (simd::load(h + j) - vmean) * vrstd;
+    if (dx != nullptr) {
+      V dxh = w != nullptr ? g * simd::load(w + j) : g;
+      V d = vrstd * (dxh - xh * vk1 - vk2);
+      if (dz != nullptr) d += simd::load(dz + j);
+      simd::store(dx + j, d);
+    }
+    if (dw_acc != nullptr) {
+      V xr = round_normalized ? simd::round_to<T>(xh) : xh;
+      V acc = simd::load(dw_acc + j) + g * xr;
+      simd::store(dw_acc + j, acc);
+    }
+    if (db_acc != nullptr) simd::store(db_acc + j, simd::load(db_acc + j) + g);
+  }
+  for (; j < n; ++j) {
+    A g = simd::to_acc(dy[j]);
+    A xh = (simd::to_acc(h[j]) - mean) * rstd;
+    if (dx != nullptr) {
+      A dxh = w != nullptr ? g * w[j] : g;
+      A d = rstd * (dxh - xh * k1 - k2);
+      if (dz != nullptr) d += simd::to_acc(dz[j]);
+      dx[j] = simd::from_acc<T>(d);
+    }
+    if (dw_acc != nullptr) dw_acc[j] += g * (round_normalized ? simd::round_scalar_to<T>(xh) : xh);
+    if (db_acc != nullptr) db_acc[j] += g;
+  }
+}
+
+// The weight as the accumulation type with the offset added (Gemma's 1 + w), or a null tensor when
+// the kernels can read the weight as it is.
+template <typename A>
+at::Tensor effective_weight(const std::optional<at::Tensor>& weight, double offset) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
+  if (weight->scalar_type() == acc && offset == 0.0) return weight->contiguous();
+  at::Tensor w = weight->to(acc).contiguous();
+  if (offset != 0.0) w = w.add(offset);
+  return w;
+}
+
+template <typename A>
+at::Tensor acc_param(const std::optional<at::Tensor>& p) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
+  return p->scalar_type() == acc ? p->contiguous() : p->to(acc).contiguous();
+}
+
+template <typename A>
+const A* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+
+int64_t rows_of(const at::Tensor& t, int64_t N) {
+  if (N > 0) return t.numel() / N;
+  int64_t m = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) m *= t.size(d);  // numel()/N is undefined for N = 0
+  return m;
+}
+
+template <typename T, bool kRms>
+void forward_impl(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, at::Tensor& z, at::Tensor& mean,
+                  at::Tensor& rstd, int64_t M, int64_t N, const at::Tensor& w, const at::Tensor& b, double eps,
+                  bool round_normalized) {
+  using A = acc_t<T>;
+  const T* xp = x.const_data_ptr<T>();
+  const T* rp = r.defined() ? r.const_data_ptr<T>() : nullptr;
+  T* zp = r.defined() ? z.mutable_data_ptr<T>() : nullptr;
+  T* yp = y.mutable_data_ptr<T>();
+  A* mp = kRms || !mean.defined() ? nullptr : mean.mutable_data_ptr<A>();
+  A* sp = rstd.defined() ? rstd.mutable_data_ptr<A>() : nullptr;
+  const A* wp = data_or_null<A>(w);
+  const A* bp = data_or_null<A>(b);
+  const bool staged = rp != nullptr || !std::is_same_v<T, A>;
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> staging(staged ? N : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t off = i * N;
+      forward_row<T, kRms>(xp + off, rp ? rp + off : nullptr, zp ? zp + off : nullptr, yp + off, N, wp, bp,
+                           static_cast<A>(eps), round_normalized, staging.data(), mp ? mp + i : nullptr,
+                           sp ? sp + i : nullptr);
+    }
+  });
+}
+
+template <typename T, bool kRms>
+void backward_impl(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor& h, const at::Tensor& mean,
+                   const at::Tensor& rstd, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw, at::Tensor& db,
+                   int64_t M, int64_t N, bool round_normalized) {
+  using A = acc_t<T>;
+  const T* dyp = dy.const_data_ptr<T>();
+  const T* dzp = dz.defined() ? dz.const_data_ptr<T>() : nullptr;
+  const T* hp = h.const_data_ptr<T>();
+  const A* mp = kRms ? nullptr : mean.const_data_ptr<A>();
+  const A* sp = rstd.const_data_ptr<A>();
+  const A* wp = data_or_null<A>(w);
+  T* dxp = dx.defined() ? dx.mutable_data_ptr<T>() : nullptr;
+  const bool want_dw = dw.defined(), want_db = db.defined();
+
+  if (!want_dw && !want_db) {  // rows are independent: parallel like the forward
+    const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(N, 1));
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t off = i * N;
+        backward_row<T, kRms>(dyp + off, dzp ? dzp + off : nullptr, hp + off, dxp + off, N, wp,
+                              kRms ? A(0) : mp[i], sp[i], round_normalized, nullptr, nullptr);
+      }
+    });
+    return;
+  }
+
+  // A partition of the rows into chunks that depends on (M, N) only.
+  int64_t rows_per_chunk = std::max<int64_t>(1, (kChunkElements + N - 1) / N);
+  int64_t chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
+  if (chunks > kMaxChunks) {
+    rows_per_chunk = (M + kMaxChunks - 1) / kMaxChunks;
+    chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
+  }
+  const int64_t width = N * (int64_t(want_dw) + int64_t(want_db));
+  std::vector<A> partial(static_cast<size_t>(chunks * width), A(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    for (int64_t c = cbegin; c < cend; ++c) {
+      A* dw_acc = want_dw ? partial.data() + c * width : nullptr;
+      A* db_acc = want_db ? partial.data() + c * width + (want_dw ? N : 0) : nullptr;
+      const int64_t end = std::min(M, (c + 1) * rows_per_chunk);
+      for (int64_t i = c * rows_per_chunk; i < end; ++i) {
+        const int64_t off = i * N;
+        backward_row<T, kRms>(dyp + off, dzp ? dzp + off : nullptr, hp + off, dxp ? dxp + off : nullptr, N,
+                              wp, kRms ? A(0) : mp[i], sp[i], round_normalized, dw_acc, db_acc);
+      }
+    }
+  });
+  // Sum the partial rows in chunk order, per column.
+  std::vector<A> total(static_cast<size_t>(width), A(0));
+  at::parallel_for(0, width, kParallelGrainElements / 8, [&](int64_t begin, int64_t end) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const A* row = partial.data() + c * width;
+      for (int64_t j = begin; j < end; ++j) total[j] += row[j];
+    }
+  });
+  auto write = [&](at::Tensor& out, const A* src) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "layernorm_param_grad", [&] {
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      for (int64_t j = 0; j < N; ++j) o[j] = static_cast<scalar_t>(src[j]);
+    });
+  };
+  if (want_dw) write(dw, total.data());
+  if (want_db) write(db, total.data() + (want_dw ? N : 0));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual, int64_t N,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, bool rms,
+    double offset, bool round_normalized, bool want_stats) {
+  const at::Tensor x = input.contiguous();
+  const bool has_residual = residual.has_value() && residual->defined();
+  const at::Tensor r = has_residual ? residual->contiguous() : at::Tensor();
+  const int64_t M = rows_of(x, N);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor z, mean, rstd;
+  if (has_residual) z = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (want_stats) {
+    z = has_residual ? z : x.new_empty({0});
+    mean = x.new_empty({rms ? 0 : M}, x.options().dtype(acc));
+    rstd = x.new_empty({M}, x.options().dtype(acc));
+  }
+  if (M == 0) return {y, z, mean, rstd};
+  if (N == 0) {  // nothing to normalize: statistics of an empty row
+    if (mean.defined()) mean.zero_();
+    if (rstd.defined()) rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, z, mean, rstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layernorm_norm_forward", [&] {
+    using A = acc_t<scalar_t>;
+    const at::Tensor w = effective_weight<A>(weight, offset);
+    const at::Tensor b = acc_param<A>(bias);
+    if (rms) {
+      forward_impl<scalar_t, true>(x, r, y, z, mean, rstd, M, N, w, b, eps, round_normalized);
+    } else {
+      forward_impl<scalar_t, false>(x, r, y, z, mean, rstd, M, N, w, b, eps, round_normalized);
+    }
+  });
+  return {y, z, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const at::Tensor& input,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t N, bool rms, double offset, bool round_normalized,
+    std::array<bool, 3> output_mask) {
+  const at::Tensor h = input.contiguous();
+  const at::Tensor dy = grad_out.contiguous();
+  const bool has_dz = grad_sum.has_value() && grad_sum->defined();
+  const at::Tensor dz = has_dz ? grad_sum->contiguous() : at::Tensor();
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  const int64_t M = rows_of(h, N);
+  at::Tensor dx = output_mask[0] ? at::empty_like(h, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor dw = output_mask[1] && has_w ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor db = output_mask[2] && has_b ? at::empty_like(*bias, at::MemoryFormat::Contiguous) : at::Tensor();
+  if (M == 0 || N == 0) {
+    if (dx.defined()) {
+      if (has_dz) dx.copy_(dz); else dx.zero_();
+    }
+    if (dw.defined()) dw.zero_();
+    if (db.defined()) db.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "layernorm_norm_backward", [&] {
+      using A = acc_t<scalar_t>;
+      const at::Tensor w = effective_weight<A>(weight, offset);
+      const at::Tensor m = rms ? mean : mean.contiguous();
+      const at::Tensor s = rstd.contiguous();
+      if (rms) {
+        backward_impl<scalar_t, true>(dy, dz, h, m, s, w, dx, dw, db, M, N, round_normalized);
+      } else {
+        backward_impl<scalar_t, false>(dy, dz, h, m, s, w, dx, dw, db, M, N, round_normalized);
+      }
+    });
+  }
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : h.new_empty({0}); };
+  return {or_empty(dx), or_empty(dw), or_empty(db)};
+}
+
+}  // namespace layernorm

@@ -1,0 +1,602 @@
+// The operators of layernorm, registered with the dispatcher, and their Python entry points.
+//
+//   layernorm::layer_norm, rms_norm, add_layer_norm, add_rms_norm   the public ops: torch's
+//       signatures (+ residual, + Hugging Face's offset and rounding for RMSNorm). Autograd kernel:
+//       NormFunction below; below autograd (inference mode): the same forward without a graph.
+//   layernorm::norm_forward, norm_backward   the two kernels every public op runs on. CPU: the C++
+//       kernels (norm_kernels.cpp); Meta: shapes only, so fake tensors, torch.compile and
+//       torch.export trace through; CUDA: the Triton kernels, registered from Python
+//       (layernorm/ops.py), since Triton is a Python library.
+//
+// The Python entry points (layernorm._C-style functions added to the extension module) parse their
+// arguments with torch's own PythonArgParser: the same accepted types, error messages and
+// __torch_function__ handling as torch.nn.functional, at the cost of a torch builtin call.
+#include "norm_kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/SymIntArrayRef.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/utils/wrap_outputs.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/csrc/utils/python_arg_parser.h>
+#include <torch/library.h>
+
+#include <cfloat>
+#include <sstream>
+#include <vector>
+
+namespace layernorm {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using SymShape = std::vector<c10::SymInt>;
+
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// ---- argument checks: torch's rules and torch's messages --------------------------------------------
+
+void check_args(const Tensor& input, const OptTensor& residual, c10::SymIntArrayRef normalized_shape,
+                const OptTensor& weight, const OptTensor& bias, bool rms) {
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one ",
+              "element, but got normalized_shape = ", normalized_shape);
+  TORCH_CHECK(!present(weight) || weight->sym_sizes().equals(normalized_shape),
+              "Expected weight to be of same shape as normalized_shape, but got weight of shape ",
+              weight->sym_sizes(), " and normalized_shape = ", normalized_shape);
+  TORCH_CHECK(!present(bias) || bias->sym_sizes().equals(normalized_shape),
+              "Expected bias to be of same shape as normalized_shape, but got bias of shape ", bias->sym_sizes(),
+              " and normalized_shape = ", normalized_shape);
+  const int64_t ndim = input.dim();
+  bool matches = ndim >= k;
+  for (int64_t i = 0; matches && i < k; ++i) {
+    matches = input.sym_size(ndim - k + i) == normalized_shape[i];
+  }
+  if (!matches) {
+    std::ostringstream expected;
+    for (const auto& s : normalized_shape) expected << ", " << s;
+    TORCH_CHECK(false, "Given normalized_shape=", normalized_shape, ", expected input with shape [*",
+                expected.str(), "], but got input of size", input.sym_sizes());
+  }
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(dtype), rms ? "\"rms_norm\"" : "\"LayerNormKernelImpl\"",
+                              " not implemented for '", c10::toString(dtype), "'");
+  if (present(residual)) {
+    TORCH_CHECK(residual->sym_sizes().equals(input.sym_sizes()) && residual->scalar_type() == dtype,
+                "Expected residual of the input's shape ", input.sym_sizes(), " and dtype ", dtype,
+                ", but got residual of shape ", residual->sym_sizes(), " and dtype ", residual->scalar_type());
+  }
+  for (const OptTensor* p : {&residual, &weight, &bias}) {
+    TORCH_CHECK(!present(*p) || (*p)->device() == input.device(),
+                "Expected all tensors to be on the same device, but found at least two devices, ",
+                input.device(), " and ", (*p)->device(), "!");
+  }
+  if (rms) {
+    TORCH_CHECK(!present(weight) || at::isFloatingType(weight->scalar_type()),
+                "Expected weight to have a floating-point dtype, but got weight of dtype ", weight->scalar_type());
+    return;
+  }
+  // LayerNorm: parameters of the input's dtype, or all float32 with bfloat16/float16 input.
+  const bool low = dtype == at::kBFloat16 || dtype == at::kHalf;
+  const bool all_same = (!present(weight) || weight->scalar_type() == dtype) &&
+                        (!present(bias) || bias->scalar_type() == dtype);
+  const bool all_float = (!present(weight) || weight->scalar_type() == at::kFloat) &&
+                         (!present(bias) || bias->scalar_type() == at::kFloat);
+  TORCH_CHECK(all_same || (low && all_float), "mixed dtype (CPU): expect parameter to have scalar type of Float");
+}
+
+double default_rms_eps(const Tensor& input) {
+  // torch 2.13: the machine epsilon of the type the op computes in (float32 for bf16/fp16 input).
+  return input.scalar_type() == at::kDouble ? DBL_EPSILON : FLT_EPSILON;
+}
+
+// ---- the two kernel ops, called through the dispatcher ------------------------------------------------
+
+using ForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, c10::SymIntArrayRef,
+                                                             const OptTensor&, const OptTensor&, double, bool,
+                                                             double, bool);
+using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
+                                                      const Tensor&, const Tensor&, c10::SymIntArrayRef,
+                                                      const OptTensor&, const OptTensor&, bool, double, bool,
+                                                      std::array<bool, 3>);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(const Tensor& input, const OptTensor& residual,
+                                                        c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                        const OptTensor& bias, double eps, bool rms, double offset,
+                                                        bool round_normalized) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("layernorm::norm_forward", "").typed<ForwardFn>();
+  return op.call(input, residual, shape, weight, bias, eps, rms, offset, round_normalized);
+}
+
+std::tuple<Tensor, Tensor, Tensor> call_backward(const Tensor& grad_out, const OptTensor& grad_sum,
+                                                 const Tensor& input, const Tensor& mean, const Tensor& rstd,
+                                                 c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                 const OptTensor& bias, bool rms, double offset,
+                                                 bool round_normalized, std::array<bool, 3> mask) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("layernorm::norm_backward", "").typed<BackwardFn>();
+  return op.call(grad_out, grad_sum, input, mean, rstd, shape, weight, bias, rms, offset, round_normalized, mask);
+}
+
+int64_t concrete_cols(c10::SymIntArrayRef shape) {
+  int64_t n = 1;
+  for (const auto& s : shape) n *= s.expect_int();
+  return n;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward_cpu_op(const Tensor& input, const OptTensor& residual,
+                                                               c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                               const OptTensor& bias, double eps, bool rms,
+                                                               double offset, bool round_normalized) {
+  check_args(input, residual, shape, weight, bias, rms);
+  return norm_forward_cpu(input, residual, concrete_cols(shape), weight, bias, eps, rms, offset, round_normalized);
+}
+
+std::tuple<Tensor, Tensor, Tensor> norm_backward_cpu_op(const Tensor& grad_out, const OptTensor& grad_sum,
+                                                        const Tensor& input, const Tensor& mean, const Tensor& rstd,
+                                                        c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                        const OptTensor& bias, bool rms, double offset,
+                                                        bool round_normalized, std::array<bool, 3> mask) {
+  TORCH_CHECK(grad_out.sizes().equals(input.sizes()), "norm_backward: grad_out of shape ", grad_out.sizes(),
+              " does not match input of shape ", input.sizes());
+  TORCH_CHECK(!present(grad_sum) || grad_sum->sizes().equals(input.sizes()), "norm_backward: grad_sum of shape ",
+              grad_sum->sizes(), " does not match input of shape ", input.sizes());
+  return norm_backward_cpu(grad_out, grad_sum, input, mean, rstd, weight, bias, concrete_cols(shape), rms, offset,
+                           round_normalized, mask);
+}
+
+c10::SymInt leading_rows(const Tensor& input, size_t k) {
+  c10::SymInt m = 1;
+  for (int64_t d = 0; d < input.dim() - static_cast<int64_t>(k); ++d) m = m * input.sym_size(d);
+  return m;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward_meta(const Tensor& input, const OptTensor& residual,
+                                                             c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                             const OptTensor& bias, double eps, bool rms,
+                                                             double offset, bool round_normalized) {
+  check_args(input, residual, shape, weight, bias, rms);
+  const auto acc = input.options().dtype(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const c10::SymInt m = leading_rows(input, shape.size());
+  Tensor y = at::empty_symint(input.sym_sizes(), input.options());
+  Tensor z = present(residual) ? at::empty_symint(input.sym_sizes(), input.options())
+                               : at::empty({0}, input.options());
+  Tensor mean = rms ? at::empty({0}, acc) : at::empty_symint({m}, acc);
+  Tensor rstd = at::empty_symint({m}, acc);
+  return {y, z, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> norm_backward_meta(const Tensor& grad_out, const OptTensor& grad_sum,
+                                                      const Tensor& input, const Tensor& mean, const Tensor& rstd,
+                                                      c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                      const OptTensor& bias, bool rms, double offset,
+                                                      bool round_normalized, std::array<bool, 3> mask) {
+  const auto empty = [&]() { return at::empty({0}, input.options()); };
+  Tensor dx = mask[0] ? at::empty_symint(input.sym_sizes(), input.options()) : empty();
+  Tensor dw = mask[1] && present(weight) ? at::empty_symint(weight->sym_sizes(), weight->options()) : empty();
+  Tensor db = mask[2] && present(bias) ? at::empty_symint(bias->sym_sizes(), bias->options()) : empty();
+  return {dx, dw, db};
+}
+
+// ---- autograd ---------------------------------------------------------------------------------------
+
+std::vector<int64_t> normalized_dims(int64_t k) {
+  std::vector<int64_t> dims;
+  for (int64_t d = -k; d < 0; ++d) dims.push_back(d);
+  return dims;
+}
+
+// The backward as differentiable ATen ops (create_graph=True, e.g. double backward): the formulas of
+// reference.backward, with mean and rstd recomputed from the input so they are differentiable too.
+std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& dy, const Tensor& dz, const Tensor& h,
+                                                           const Tensor& weight, int64_t k, double eps, bool rms,
+                                                           double offset, bool round_normalized, bool want_w,
+                                                           bool want_b, at::ScalarType bias_dtype) {
+  const at::ScalarType acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto dims = normalized_dims(k);
+  Tensor hf = h.to(acc);
+  Tensor centered = rms ? hf : hf - hf.mean(dims, /*keepdim=*/true);
+  Tensor rstd = at::rsqrt(centered.square().mean(dims, /*keepdim=*/true) + eps);
+  Tensor xhat = centered * rstd;
+  Tensor g = dy.to(acc);
+  Tensor dxhat = weight.defined() ? g * (weight.to(acc) + offset) : g;
+  Tensor dh = dxhat - xhat * (dxhat * xhat).mean(dims, /*keepdim=*/true);
+  if (!rms) dh = dh - dxhat.mean(dims, /*keepdim=*/true);
+  dh = dh * rstd;
+  if (dz.defined()) dh = dh + dz.to(acc);
+  std::vector<int64_t> leading;
+  for (int64_t d = 0; d < h.dim() - k; ++d) leading.push_back(d);
+  auto sum_rows = [&](const Tensor& t) { return leading.empty() ? t : t.sum(leading); };
+  Tensor dw, db;
+  if (want_w) {
+    Tensor xr = round_normalized ? xhat.to(h.scalar_type()).to(acc) : xhat;
+    dw = sum_rows(g * xr).to(weight.scalar_type());
+  }
+  if (want_b) db = sum_rows(g).to(bias_dtype);
+  return {dh.to(h.scalar_type()), dw, db};
+}
+
+struct NormFunction : public torch::autograd::Function<NormFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
+                                                const OptTensor& residual, SymShape shape, const OptTensor& weight,
+                                                const OptTensor& bias, double eps, bool rms, double offset,
+                                                bool round_normalized) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, z, mean, rstd] = call_forward(input, residual, shape, weight, bias, eps, rms, offset, round_normalized);
+    const bool has_residual = present(residual);
+    ctx->save_for_backward({has_residual ? z : input, mean, rstd, weight.value_or(Tensor()), bias.value_or(Tensor())});
+    ctx->saved_data["shape"] = c10::IValue(c10::SymIntArrayRef(shape));
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["rms"] = rms;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["round"] = round_normalized;
+    // Edge index of each tensor argument that is present: input, residual, weight, bias.
+    int64_t edge = 1;
+    ctx->saved_data["residual_edge"] = has_residual ? edge++ : int64_t(-1);
+    ctx->saved_data["weight_edge"] = present(weight) ? edge++ : int64_t(-1);
+    ctx->saved_data["bias_edge"] = present(bias) ? edge++ : int64_t(-1);
+    ctx->set_materialize_grads(false);
+    if (has_residual) return {y, z};
+    return {y};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor& h = saved[0];
+    const Tensor &mean = saved[1], &rstd = saved[2], &weight = saved[3], &bias = saved[4];
+    const SymShape shape = ctx->saved_data["shape"].toSymIntVector();
+    const double eps = ctx->saved_data["eps"].toDouble(), offset = ctx->saved_data["offset"].toDouble();
+    const bool rms = ctx->saved_data["rms"].toBool(), round_normalized = ctx->saved_data["round"].toBool();
+    const int64_t residual_edge = ctx->saved_data["residual_edge"].toInt();
+    const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
+    const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
+    const bool want_x = ctx->needs_input_grad(0) || (residual_edge >= 0 && ctx->needs_input_grad(residual_edge));
+    const bool want_w = weight_edge >= 0 && ctx->needs_input_grad(weight_edge);
+    const bool want_b = bias_edge >= 0 && ctx->needs_input_grad(bias_edge);
+
+    Tensor dy = grads[0];
+    Tensor dz = grads.size() > 1 ? grads[1] : Tensor();
+    Tensor dx, dw, db;
+    if (!dy.defined()) {  // only the sum (input + residual) reached the loss
+      dx = dz;
+    } else if (at::GradMode::is_enabled()) {
+      std::tie(dx, dw, db) =
+          differentiable_backward(dy, dz, h, weight, static_cast<int64_t>(shape.size()), eps, rms, offset,
+                                  round_normalized, want_w, want_b, want_b ? bias.scalar_type() : h.scalar_type());
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(dx, dw, db) = call_backward(dy, dz.defined() ? OptTensor(dz) : OptTensor(), h, mean, rstd, shape,
+                                           weight.defined() ? OptTensor(weight) : OptTensor(),
+                                           bias.defined() ? OptTensor(bias) : OptTensor(), rms, offset,
+                                           round_normalized, {want_x, want_w, want_b});
+    }
+    if (!want_x) dx = Tensor();
+    if (!want_w) dw = Tensor();
+    if (!want_b) db = Tensor();
+    // One gradient per forward argument: input, residual, shape, weight, bias, eps, rms, offset, round.
+    return {dx, residual_edge >= 0 ? dx : Tensor(), Tensor(), dw, db, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+torch::autograd::variable_list apply_norm(const Tensor& input, const OptTensor& residual, c10::SymIntArrayRef shape,
+                                          const OptTensor& weight, const OptTensor& bias, double eps, bool rms,
+                                          double offset, bool round_normalized) {
+  check_args(input, residual, shape, weight, bias, rms);
+  return NormFunction::apply(input, residual, shape.vec(), weight, bias, eps, rms, offset, round_normalized);
+}
+
+// ---- the public ops ----------------------------------------------------------------------------------
+//
+// Below autograd: on CPU a direct kernel that skips the statistics (inference); elsewhere (Meta,
+// CUDA) the output of norm_forward. The autograd kernel records NormFunction only when a gradient can
+// flow, else it goes straight below autograd: eager inference pays no autograd bookkeeping.
+
+Tensor layer_norm_composite(const Tensor& input, c10::SymIntArrayRef shape, const OptTensor& weight,
+                            const OptTensor& bias, double eps) {
+  check_args(input, std::nullopt, shape, weight, bias, false);
+  return std::get<0>(call_forward(input, std::nullopt, shape, weight, bias, eps, false, 0.0, false));
+}
+
+Tensor rms_norm_composite(const Tensor& input, c10::SymIntArrayRef shape, const OptTensor& weight,
+                          std::optional<double> eps, double offset, bool round_normalized) {
+  check_args(input, std::nullopt, shape, weight, std::nullopt, true);
+  return std::get<0>(call_forward(input, std::nullopt, shape, weight, std::nullopt,
+                                  eps.value_or(default_rms_eps(input)), true, offset, round_normalized));
+}
+
+std::tuple<Tensor, Tensor> add_layer_norm_composite(const Tensor& input, const Tensor& residual,
+                                                    c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                    const OptTensor& bias, double eps) {
+  check_args(input, residual, shape, weight, bias, false);
+  auto out = call_forward(input, residual, shape, weight, bias, eps, false, 0.0, false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm_composite(const Tensor& input, const Tensor& residual,
+                                                  c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                  std::optional<double> eps, double offset, bool round_normalized) {
+  check_args(input, residual, shape, weight, std::nullopt, true);
+  auto out = call_forward(input, residual, shape, weight, std::nullopt, eps.value_or(default_rms_eps(input)), true,
+                          offset, round_normalized);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+Tensor layer_norm_cpu(const Tensor& input, c10::SymIntArrayRef shape, const OptTensor& weight, const OptTensor& bias,
+                      double eps) {
+  check_args(input, std::nullopt, shape, weight, bias, false);
+  return std::get<0>(norm_forward_cpu(input, std::nullopt, concrete_cols(shape), weight, bias, eps, false, 0.0,
+                                      false, /*want_stats=*/false));
+}
+
+Tensor rms_norm_cpu(const Tensor& input, c10::SymIntArrayRef shape, const OptTensor& weight,
+                    std::optional<double> eps, double offset, bool round_normalized) {
+  check_args(input, std::nullopt, shape, weight, std::nullopt, true);
+  return std::get<0>(norm_forward_cpu(input, std::nullopt, concrete_cols(shape), weight, std::nullopt,
+                                      eps.value_or(default_rms_eps(input)), true, offset, round_normalized,
+                                      /*want_stats=*/false));
+}
+
+std::tuple<Tensor, Tensor> add_layer_norm_cpu(const Tensor& input, const Tensor& residual, c10::SymIntArrayRef shape,
+                                              const OptTensor& weight, const OptTensor& bias, double eps) {
+  check_args(input, residual, shape, weight, bias, false);
+  auto out = norm_forward_cpu(input, residual, concrete_cols(shape), weight, bias, eps, false, 0.0, false,
+                              /*want_stats=*/false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm_cpu(const Tensor& input, const Tensor& residual, c10::SymIntArrayRef shape,
+                                            const OptTensor& weight, std::optional<double> eps, double offset,
+                                            bool round_normalized) {
+  check_args(input, residual, shape, weight, std::nullopt, true);
+  auto out = norm_forward_cpu(input, residual, concrete_cols(shape), weight, std::nullopt,
+                              eps.value_or(default_rms_eps(input)), true, offset, round_normalized,
+                              /*want_stats=*/false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+const auto& layer_norm_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("layernorm::layer_norm", "")
+                       .typed<decltype(layer_norm_composite)>();
+  return op;
+}
+const auto& rms_norm_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("layernorm::rms_norm", "")
+                       .typed<decltype(rms_norm_composite)>();
+  return op;
+}
+const auto& add_layer_norm_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("layernorm::add_layer_norm", "")
+                       .typed<decltype(add_layer_norm_composite)>();
+  return op;
+}
+const auto& add_rms_norm_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("layernorm::add_rms_norm", "")
+                       .typed<decltype(add_rms_norm_composite)>();
+  return op;
+}
+
+bool grad_can_flow(const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const OptTensor* p : {&residual, &weight, &bias}) {
+    if (present(*p) && (*p)->requires_grad()) return true;
+  }
+  return input.requires_grad();
+}
+
+Tensor layer_norm_autograd(const Tensor& input, c10::SymIntArrayRef shape, const OptTensor& weight,
+                           const OptTensor& bias, double eps) {
+  if (!grad_can_flow(input, std::nullopt, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return layer_norm_op().call(input, shape, weight, bias, eps);
+  }
+  return apply_norm(input, std::nullopt, shape, weight, bias, eps, false, 0.0, false)[0];
+}
+
+Tensor rms_norm_autograd(const Tensor& input, c10::SymIntArrayRef shape, const OptTensor& weight,
+                         std::optional<double> eps, double offset, bool round_normalized) {
+  if (!grad_can_flow(input, std::nullopt, weight, std::nullopt)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return rms_norm_op().call(input, shape, weight, eps, offset, round_normalized);
+  }
+  return apply_norm(input, std::nullopt, shape, weight, std::nullopt, eps.value_or(default_rms_eps(input)), true,
+                    offset, round_normalized)[0];
+}
+
+std::tuple<Tensor, Tensor> add_layer_norm_autograd(const Tensor& input, const Tensor& residual,
+                                                   c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                   const OptTensor& bias, double eps) {
+  if (!grad_can_flow(input, residual, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return add_layer_norm_op().call(input, residual, shape, weight, bias, eps);
+  }
+  auto out = apply_norm(input, residual, shape, weight, bias, eps, false, 0.0, false);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm_autograd(const Tensor& input, const Tensor& residual,
+                                                 c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                 std::optional<double> eps, double offset, bool round_normalized) {
+  if (!grad_can_flow(input, residual, weight, std::nullopt)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return add_rms_norm_op().call(input, residual, shape, weight, eps, offset, round_normalized);
+  }
+  auto out = apply_norm(input, residual, shape, weight, std::nullopt, eps.value_or(default_rms_eps(input)), true,
+                        offset, round_normalized);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+// ---- registration -----------------------------------------------------------------------------------
+
+TORCH_LIBRARY(layernorm, m) {
+  m.def("layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, Tensor? bias=None, "
+        "float eps=1e-05) -> Tensor");
+  m.def("rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, float? eps=None, "
+        "float offset=0., bool round_normalized=False) -> Tensor");
+  m.def("add_layer_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, Tensor? weight=None, "
+        "Tensor? bias=None, float eps=1e-05) -> (Tensor, Tensor)");
+  m.def("add_rms_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, Tensor? weight=None, "
+        "float? eps=None, float offset=0., bool round_normalized=False) -> (Tensor, Tensor)");
+  m.def("norm_forward(Tensor input, Tensor? residual, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, "
+        "float eps, bool rms, float offset, bool round_normalized) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("norm_backward(Tensor grad_out, Tensor? grad_sum, Tensor input, Tensor mean, Tensor rstd, "
+        "SymInt[] normalized_shape, Tensor? weight, Tensor? bias, bool rms, float offset, bool round_normalized, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(layernorm, Autograd, m) {
+  m.impl("layer_norm", layer_norm_autograd);
+  m.impl("rms_norm", rms_norm_autograd);
+  m.impl("add_layer_norm", add_layer_norm_autograd);
+  m.impl("add_rms_norm", add_rms_norm_autograd);
+}
+
+TORCH_LIBRARY_IMPL(layernorm, CompositeExplicitAutograd, m) {
+  m.impl("layer_norm", layer_norm_composite);
+  m.impl("rms_norm", rms_norm_composite);
+  m.impl("add_layer_norm", add_layer_norm_composite);
+  m.impl("add_rms_norm", add_rms_norm_composite);
+}
+
+TORCH_LIBRARY_IMPL(layernorm, CPU, m) {
+  m.impl("layer_norm", layer_norm_cpu);
+  m.impl("rms_norm", rms_norm_cpu);
+  m.impl("add_layer_norm", add_layer_norm_cpu);
+  m.impl("add_rms_norm", add_rms_norm_cpu);
+  m.impl("norm_forward", norm_forward_cpu_op);
+  m.impl("norm_backward", norm_backward_cpu_op);
+}
+
+TORCH_LIBRARY_IMPL(layernorm, Meta, m) {
+  m.impl("norm_forward", norm_forward_meta);
+  m.impl("norm_backward", norm_backward_meta);
+}
+
+// ---- Python entry points ----------------------------------------------------------------------------
+
+namespace {
+
+// The Python object whose attributes are the functions __torch_function__ overrides receive
+// (layernorm.functional); set once by layernorm.functional at import.
+PyObject* torch_function_api = nullptr;
+
+template <typename Fn>
+PyObject* run_without_gil(Fn&& fn) {
+  decltype(fn()) out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = fn();
+  }
+  return torch::autograd::utils::wrap(std::move(out));
+}
+
+PyObject* handle_override(torch::PythonArgs& r, const char* name, PyObject* args, PyObject* kwargs) {
+  TORCH_CHECK(torch_function_api != nullptr, "layernorm: __torch_function__ API module not set");
+  auto api = pybind11::reinterpret_borrow<pybind11::object>(torch_function_api).attr(name);
+  return torch::handle_torch_function_no_python_arg_parser(r.overloaded_args, args, kwargs, name, api.ptr(),
+                                                           "layernorm.functional");
+}
+
+PyObject* py_layer_norm(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
+  HANDLE_TH_ERRORS
+  static torch::PythonArgParser parser({
+      "layer_norm(Tensor input, SymIntArrayRef normalized_shape, Tensor? weight=None, Tensor? bias=None, "
+      "double eps=1e-05)",
+  });
+  torch::ParsedArgs<5> parsed;
+  auto r = parser.parse(args, kwargs, parsed);
+  if (r.has_torch_function()) return handle_override(r, "layer_norm", args, kwargs);
+  const auto& op = layer_norm_op();
+  // Every argument is read while the GIL is held; the op runs without it.
+  auto input = r.tensor(0);
+  auto shape = r.symintlist(1);
+  auto weight = r.optionalTensor(2), bias = r.optionalTensor(3);
+  auto eps = r.toDouble(4);
+  return run_without_gil([&] { return op.call(input, shape, weight, bias, eps); });
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_rms_norm(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
+  HANDLE_TH_ERRORS
+  static torch::PythonArgParser parser({
+      "rms_norm(Tensor input, SymIntArrayRef normalized_shape, Tensor? weight=None, double? eps=None, *, "
+      "double offset=0.0, bool round_normalized=False)",
+  });
+  torch::ParsedArgs<6> parsed;
+  auto r = parser.parse(args, kwargs, parsed);
+  if (r.has_torch_function()) return handle_override(r, "rms_norm", args, kwargs);
+  const auto& op = rms_norm_op();
+  auto input = r.tensor(0);
+  auto shape = r.symintlist(1);
+  auto weight = r.optionalTensor(2);
+  auto eps = r.toDoubleOptional(3);
+  auto offset = r.toDouble(4);
+  auto round_normalized = r.toBool(5);
+  return run_without_gil([&] { return op.call(input, shape, weight, eps, offset, round_normalized); });
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_add_layer_norm(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
+  HANDLE_TH_ERRORS
+  static torch::PythonArgParser parser({
+      "add_layer_norm(Tensor input, Tensor residual, SymIntArrayRef normalized_shape, Tensor? weight=None, "
+      "Tensor? bias=None, double eps=1e-05)",
+  });
+  torch::ParsedArgs<6> parsed;
+  auto r = parser.parse(args, kwargs, parsed);
+  if (r.has_torch_function()) return handle_override(r, "add_layer_norm", args, kwargs);
+  const auto& op = add_layer_norm_op();
+  auto input = r.tensor(0), residual = r.tensor(1);
+  auto shape = r.symintlist(2);
+  auto weight = r.optionalTensor(3), bias = r.optionalTensor(4);
+  auto eps = r.toDouble(5);
+  return run_without_gil([&] { return op.call(input, residual, shape, weight, bias, eps); });
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_add_rms_norm(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
+  HANDLE_TH_ERRORS
+  static torch::PythonArgParser parser({
+      "add_rms_norm(Tensor input, Tensor residual, SymIntArrayRef normalized_shape, Tensor? weight=None, "
+      "double? eps=None, *, double offset=0.0, bool round_normalized=False)",
+  });
+  torch::ParsedArgs<7> parsed;
+  auto r = parser.parse(args, kwargs, parsed);
+  if (r.has_torch_function()) return handle_override(r, "add_rms_norm", args, kwargs);
+  const auto& op = add_rms_norm_op();
+  auto input = r.tensor(0), residual = r.tensor(1);
+  auto shape = r.symintlist(2);
+  auto weight = r.optionalTensor(3);
+  auto eps = r.toDoubleOptional(4);
+  auto offset = r.toDouble(5);
+  auto round_normalized = r.toBool(6);
+  return run_without_gil([&] { return op.call(input, residual, shape, weight, eps, offset, round_normalized); });
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef norm_methods[] = {
+    {"layer_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_layer_norm)),
+     METH_VARARGS | METH_KEYWORDS, "layernorm::layer_norm through the dispatcher"},
+    {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_rms_norm)),
+     METH_VARARGS | METH_KEYWORDS, "layernorm::rms_norm through the dispatcher"},
+    {"add_layer_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_add_layer_norm)),
+     METH_VARARGS | METH_KEYWORDS, "layernorm::add_layer_norm through the dispatcher"},
+    {"add_rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_add_rms_norm)),
+     METH_VARARGS | METH_KEYWORDS, "layernorm::add_rms_norm through the dispatcher"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+void bind_norm(pybind11::module& m) {
+  TORCH_CHECK(PyModule_AddFunctions(m.ptr(), norm_methods) == 0, "layernorm: could not add the norm functions");
+  m.def("set_torch_function_api", [](pybind11::object api) {
+    Py_XDECREF(torch_function_api);
+    torch_function_api = api.release().ptr();
+  });
+}
+
+}  // namespace layernorm
