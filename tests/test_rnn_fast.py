@@ -205,15 +205,14 @@ def test_cpp_and_torch_agree_closely(cpp_ok):
 
 def test_fallback_when_extension_missing(monkeypatch):
     """A failed build must leave the torch implementation in charge, not raise."""
-    monkeypatch.setattr(rf, "_ext", None)
-    monkeypatch.setattr(rf, "_ext_error", RuntimeError("simulated: no compiler"))
+    monkeypatch.setattr(rf, "_load_ext", lambda: None)  # as native.load() answers after a failed build
     inp = _lstm_inputs(4, 2, 8, torch.float32)
     assert rf._pick_impl(None, inp["xw_ln"]) is rf._TorchImpl
     got = _run_lstm(rf.lstm_recurrence, inp, None, True)
     want = _run_lstm(ref.lstm_recurrence, inp, None, True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with pytest.raises(RuntimeError, match="failed to build"):
+    with pytest.raises(RuntimeError, match="not built"):
         rf.lstm_recurrence(inp["xw_ln"], None, inp["h0"], inp["c0"], inp["w_hh"], inp["ln_hh_weight"], None,
                            inp["ln_cell_weight"], inp["ln_cell_bias"], 1e-5, True, impl="cpp")
 

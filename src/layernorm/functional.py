@@ -1,156 +1,41 @@
 """Functional API: the signatures of ``torch.nn.functional`` plus a keyword ``backend``.
 
-This is the only place where inputs are checked and reshaped to (rows, cols); everything below it
-(custom ops, backends, kernels) sees 2-D contiguous tensors that are known to be valid.
+Each function is a thin call of its operator (:mod:`layernorm.ops`): in eager mode through the
+extension's entry point, which parses arguments with torch's own parser (same accepted types, errors
+and ``__torch_function__`` handling as ``torch.nn.functional``) and dispatches like a torch builtin;
+under ``torch.compile`` through ``torch.ops.layernorm.*``, which dynamo puts in the graph. Argument
+checks and reshaping happen once, inside the operator.
+
+``backend=`` (or the environment variable ``LAYERNORM_BACKEND``) overrides the operator's choice of
+kernel: ``"torch"`` runs ``torch.nn.functional``, ``"reference"`` the plain-PyTorch spec, ``"cpu"``
+and ``"triton"`` the operator on a device where that kernel runs (see :mod:`layernorm.backends`).
 """
 from __future__ import annotations
 
 import math
-import numbers
+import os
+import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import ops
-from .backends import available_backends, reference, resolve_backend
+from .backends import ENV_VAR, reference, resolve_backend
+from .ops import NATIVE
 
-__all__ = [
-    "layer_norm",
-    "rms_norm",
-    "add_layer_norm",
-    "add_rms_norm",
-    "available_backends",
-]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
 _ShapeLike = Union[int, Sequence[int], torch.Size]
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _as_shape(normalized_shape: _ShapeLike) -> List[int]:
-    if isinstance(normalized_shape, numbers.Integral):
-        normalized_shape = (normalized_shape,)
-    try:
-        shape = [int(s) for s in normalized_shape]
-    except TypeError:
-        raise TypeError(
-            f"normalized_shape must be an int or a sequence of ints, but got {normalized_shape!r}"
-        ) from None
-    if len(shape) == 0:
-        raise ValueError("normalized_shape must be non-empty: it names the trailing dimensions to normalize over")
-    if any(s < 0 for s in shape):
-        raise ValueError(f"normalized_shape must not contain negative sizes, but got {shape}")
-    return shape
-
-
-def _check_input(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, but got {type(t).__name__}")
-    if not t.dtype.is_floating_point:
-        raise TypeError(
-            f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), but got {t.dtype}"
-        )
-
-
-def _check_param(name: str, p: Optional[Tensor], x: Tensor, shape: List[int]) -> Optional[Tensor]:
-    if p is None:
-        return None
-    if not isinstance(p, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, but got {type(p).__name__}")
-    if list(p.shape) != shape:
-        raise ValueError(
-            f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
-            f"{list(p.shape)} and normalized_shape = {shape}"
-        )
-    if p.device != x.device:
-        raise ValueError(f"Expected {name} on the input's device {x.device}, but got {name} on {p.device}")
-    mixed_ok = x.dtype in _LOW_PRECISION and p.dtype == torch.float32
-    if p.dtype != x.dtype and not mixed_ok:
-        raise TypeError(
-            f"Expected {name} to have the input's dtype {x.dtype}"
-            + (" or torch.float32" if x.dtype in _LOW_PRECISION else "")
-            + f", but got {name} of dtype {p.dtype}"
-        )
-    return p.contiguous().view(-1)
-
-
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, but got {type(eps).__name__}")
-    eps = float(eps)
-    if not (eps >= 0.0) or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number >= 0, but got eps={eps}")
-    return eps
-
-
-def _prepare(input: Tensor, normalized_shape: _ShapeLike) -> Tuple[List[int], int]:
-    _check_input("input", input)
-    shape = _as_shape(normalized_shape)
-    k = len(shape)
-    if input.dim() < k or list(input.shape[input.dim() - k:]) != shape:
-        raise ValueError(
-            f"Given normalized_shape={shape}, expected input with shape [*, {', '.join(map(str, shape))}], "
-            f"but got input of size{list(input.shape)}"
-        )
-    return shape, math.prod(shape)
-
-
-def _aten_takes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """True when torch.nn.functional accepts these dtypes as they are (all equal, or all-fp32
-    parameters with bf16/fp16 input on CPU); otherwise the torch backend's own casting path runs."""
-    params = [p for p in (weight, bias) if p is not None]
-    if all(p.dtype == x.dtype for p in params):
-        return True
-    return x.device.type == "cpu" and x.dtype in _LOW_PRECISION and all(p.dtype == torch.float32 for p in params)
-
-
 _CASTING_MODES = ("torch", "llama")
+_is_compiling = torch.compiler.is_compiling
 
 
-def _norm(input, residual, normalized_shape, weight, bias, eps, rms, backend, offset=0.0, casting_mode="torch"):
-    shape, N = _prepare(input, normalized_shape)
-    if casting_mode not in _CASTING_MODES:
-        raise ValueError(f"casting_mode must be one of {_CASTING_MODES}, but got {casting_mode!r}")
-    round_normalized = casting_mode == "llama" and input.dtype != reference.stat_dtype(input.dtype)
-    if offset != 0.0 or round_normalized:
-        # Hugging Face numerics (Gemma's 1 + w, Llama's casting): the spec, until the native op has them.
-        backend = "reference"
-    if residual is not None:
-        _check_input("residual", residual)
-        if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:
-            raise ValueError(
-                "Expected residual with the input's shape, dtype and device "
-                f"({list(input.shape)}, {input.dtype}, {input.device}), but got "
-                f"({list(residual.shape)}, {residual.dtype}, {residual.device})"
-            )
-    w = _check_param("weight", weight, input, shape)
-    b = _check_param("bias", bias, input, shape)
-    if eps is None and rms:  # RMSNorm's default, as in torch: the input dtype's machine epsilon
-        eps = torch.finfo(input.dtype).eps
-    eps = _check_eps(eps)
-    name = resolve_backend(backend, input.device, input.dtype, rms)
-    if name == "torch" and not torch.compiler.is_compiling() and _aten_takes(input, weight, bias):
-        # The torch backend *is* ATen: in eager mode call it the way torch users do, so choosing
-        # it (automatically for bf16/fp16 on CPU) costs nothing over torch.nn.functional.
-        h = input if residual is None else input + residual
-        if rms:
-            y = torch.nn.functional.rms_norm(h, shape, weight, eps)
-        else:
-            y = torch.nn.functional.layer_norm(h, shape, weight, bias, eps)
-        return y if residual is None else (y, h)
-    M = math.prod(input.shape[: input.dim() - len(shape)])  # explicit: view(-1, 0) is ambiguous
-    x2d = input.contiguous().view(M, N)  # the one reshape to (rows, cols)
-    r2d = residual.contiguous().view(M, N) if residual is not None else None
-    if name == "reference" and x2d.numel() > 0:  # empty input: the custom op's no-launch path
-        # The spec runs as plain PyTorch under autograd: differentiable to any order, and the
-        # oracle against which the custom-op path (hand-written backward) is tested.
-        y, z, _, _ = reference.forward(x2d, r2d, w, b, eps, rms, offset, round_normalized)
-    else:
-        y, z, _, _ = ops.norm(x2d, r2d, w, b, eps, rms, name)
-    y = y.view(input.shape)
-    if residual is None:
-        return y
-    return y, z.view(input.shape)
+def _round_normalized(casting_mode: str) -> bool:
+    if casting_mode == "torch":
+        return False
+    if casting_mode == "llama":
+        return True
+    raise ValueError(f"casting_mode must be one of {_CASTING_MODES}, but got {casting_mode!r}")
 
 
 def layer_norm(
@@ -167,19 +52,26 @@ def layer_norm(
     .. math::
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
 
-    with the biased variance, statistics per row in float32 (float64 for float64 input).
-    Same signature and semantics as :func:`torch.nn.functional.layer_norm`.
+    with the biased variance; statistics per row in float32 (float64 for float64 input), exact
+    two-pass. Same signature, semantics and errors as :func:`torch.nn.functional.layer_norm`.
 
     Args:
         backend: ``"reference"``, ``"cpu"``, ``"torch"``, ``"triton"``, or None: the environment
-            variable ``LAYERNORM_BACKEND``, else the fastest measured backend for the device and dtype.
+            variable ``LAYERNORM_BACKEND``, else the operator's kernel for the tensor's device.
+
+    Shape:
+        input :math:`(*, \text{normalized\_shape})`; weight and bias ``normalized_shape``; output as input.
 
     Example::
 
         >>> x = torch.randn(4, 10, 64)
         >>> y = layer_norm(x, (64,))
     """
-    return _norm(input, None, normalized_shape, weight, bias, eps, False, backend)
+    if backend is None and NATIVE is not None and ENV_VAR not in os.environ:
+        if _is_compiling():
+            return torch.ops.layernorm.layer_norm(input, normalized_shape, weight, bias, eps)
+        return NATIVE.layer_norm(input, normalized_shape, weight, bias, eps)
+    return _override(backend, input, None, normalized_shape, weight, bias, eps, False)
 
 
 def rms_norm(
@@ -197,15 +89,27 @@ def rms_norm(
     .. math::
         y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot (\text{offset} + \gamma)
 
-    ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
+    ``eps=None`` is torch 2.13's default: the machine epsilon of the type the op computes in (float32's
+    for float32/bfloat16/float16 input, float64's for float64).
 
     Args:
         offset: added to the weight (Gemma stores ``w`` and multiplies by ``1 + w``). Default 0.
         casting_mode: ``"torch"``: normalize and scale in float32, round once (torch, Gemma, OLMo2);
             ``"llama"``: the normalized value is rounded to the input dtype before the weight
             multiply (Llama, Mistral, Qwen, Phi-3, T5). Identical for float32/float64 input.
+        backend: as in :func:`layer_norm`.
+
+    Example::
+
+        >>> y = rms_norm(torch.randn(4, 10, 64), (64,), torch.ones(64))
     """
-    return _norm(input, None, normalized_shape, weight, None, eps, True, backend, offset, casting_mode)
+    if backend is None and NATIVE is not None and ENV_VAR not in os.environ:
+        round_normalized = casting_mode != "torch" and _round_normalized(casting_mode)
+        if _is_compiling():
+            return torch.ops.layernorm.rms_norm(input, normalized_shape, weight, eps, offset, round_normalized)
+        return NATIVE.rms_norm(input, normalized_shape, weight, eps, offset=offset, round_normalized=round_normalized)
+    return _override(backend, input, None, normalized_shape, weight, None, eps, True, offset,
+                     _round_normalized(casting_mode))
 
 
 def add_layer_norm(
@@ -227,7 +131,11 @@ def add_layer_norm(
         >>> h = torch.randn(8, 512); r = torch.randn(8, 512)
         >>> normed, r = add_layer_norm(h, r, (512,))
     """
-    return _norm(input, residual, normalized_shape, weight, bias, eps, False, backend)
+    if backend is None and NATIVE is not None and ENV_VAR not in os.environ:
+        if _is_compiling():
+            return torch.ops.layernorm.add_layer_norm(input, residual, normalized_shape, weight, bias, eps)
+        return NATIVE.add_layer_norm(input, residual, normalized_shape, weight, bias, eps)
+    return _override(backend, input, residual, normalized_shape, weight, bias, eps, False)
 
 
 def add_rms_norm(
@@ -243,4 +151,129 @@ def add_rms_norm(
 ) -> Tuple[Tensor, Tensor]:
     """Fused pre-norm residual: returns ``(rms_norm(input + residual), input + residual)``;
     ``offset`` and ``casting_mode`` as in :func:`rms_norm`."""
-    return _norm(input, residual, normalized_shape, weight, None, eps, True, backend, offset, casting_mode)
+    if backend is None and NATIVE is not None and ENV_VAR not in os.environ:
+        round_normalized = casting_mode != "torch" and _round_normalized(casting_mode)
+        if _is_compiling():
+            return torch.ops.layernorm.add_rms_norm(
+                input, residual, normalized_shape, weight, eps, offset, round_normalized
+            )
+        return NATIVE.add_rms_norm(
+            input, residual, normalized_shape, weight, eps, offset=offset, round_normalized=round_normalized
+        )
+    return _override(backend, input, residual, normalized_shape, weight, None, eps, True, offset,
+                     _round_normalized(casting_mode))
+
+
+# ---- backend overrides --------------------------------------------------------------------------------
+
+def _override(backend, input, residual, normalized_shape, weight, bias, eps, rms, offset=0.0,
+              round_normalized=False):
+    """The same op through the kernel ``backend`` (or ``LAYERNORM_BACKEND``) names."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, but got {type(input).__name__}")
+    name = resolve_backend(backend, input.device, input.dtype, rms)
+    if name == "torch":
+        return _torch_norm(input, residual, normalized_shape, weight, bias, eps, rms, offset, round_normalized)
+    if name == "cpu" or (name == "triton" and input.device.type == "cuda"):
+        args = (input,) + ((residual,) if residual is not None else ()) + (normalized_shape, weight)
+        args += (eps, offset, round_normalized) if rms else (bias, eps)
+        if _is_compiling():
+            op_name = ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
+            return getattr(torch.ops.layernorm, op_name)(*args)
+        return _EAGER_OPS[(rms, residual is not None)](*args)
+    # reference, or Triton's interpreter on CPU tensors: (rows, cols) views, checks of the operators
+    shape = _as_shape(normalized_shape)
+    if eps is None:
+        eps = sys.float_info.epsilon if input.dtype == torch.float64 else torch.finfo(torch.float32).eps
+    if NATIVE is not None:
+        NATIVE.check_args(input, residual, shape, weight, bias, rms)
+    N = math.prod(shape)
+    M = math.prod(input.shape[: input.dim() - len(shape)])  # explicit: view(-1, 0) is ambiguous
+    x2d = input.contiguous().view(M, N)
+    r2d = residual.contiguous().view(M, N) if residual is not None else None
+    w = weight.contiguous().view(-1) if weight is not None else None
+    b = bias.contiguous().view(-1) if bias is not None else None
+    if name == "reference":
+        y, z, _, _ = reference.forward(x2d, r2d, w, b, float(eps), rms, offset, round_normalized)
+    else:
+        y, z = _InterpretedTriton.apply(x2d, r2d, w, b, float(eps), rms, offset, round_normalized)
+    y = y.view(input.shape)
+    return y if residual is None else (y, z.view(input.shape))
+
+
+def _as_shape(normalized_shape) -> List[int]:
+    # torch's rule: a tuple/list of ints (an int is refused by torch.nn.functional as well)
+    if isinstance(normalized_shape, (str, bytes)) or not isinstance(normalized_shape, (list, tuple, torch.Size)):
+        raise TypeError(f"normalized_shape must be tuple of ints, not {type(normalized_shape).__name__}")
+    for s in normalized_shape:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"normalized_shape must be tuple of ints, but found element of type "
+                            f"{type(s).__name__}")
+    return [int(s) for s in normalized_shape]
+
+
+def _torch_norm(input, residual, normalized_shape, weight, bias, eps, rms, offset, round_normalized):
+    """torch.nn.functional, with the residual add and Hugging Face's RMSNorm numerics composed."""
+    F = torch.nn.functional
+    h = input if residual is None else input + residual
+    if not rms:
+        y = F.layer_norm(h, normalized_shape, weight, bias, eps)
+    elif round_normalized and weight is not None:  # Llama: w * xhat.to(input dtype)
+        y = (F.rms_norm(h, normalized_shape, None, eps) * (weight + offset)).to(h.dtype)
+    elif offset != 0.0 and weight is not None:  # Gemma: xhat * (1 + w) in float32, rounded once
+        y = F.rms_norm(h, normalized_shape, weight.float() + offset, eps)
+    else:
+        y = F.rms_norm(h, normalized_shape, weight, eps)
+    return y if residual is None else (y, h)
+
+
+class _InterpretedTriton(torch.autograd.Function):
+    """The Triton launchers on CPU tensors (``TRITON_INTERPRET=1``): the kernels the CUDA operators
+    run, reachable without a GPU so the test-suite can check them forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, rms, offset, round_normalized):
+        from .backends import triton as impl
+
+        y, z, mean, rstd = impl.forward(x, residual, weight, bias, eps, rms, offset, round_normalized)
+        ctx.save_for_backward(z if residual is not None else x, weight, bias, mean, rstd)
+        ctx.flags = (rms, offset, round_normalized, residual is not None)
+        return y, z
+
+    @staticmethod
+    def backward(ctx, dy, dz):
+        from .backends import triton as impl
+
+        h, weight, bias, mean, rstd = ctx.saved_tensors
+        rms, offset, round_normalized, has_residual = ctx.flags
+        if dy is None:
+            dy = torch.zeros_like(h)
+        dx, dw, db = impl.backward(dy.contiguous(), dz.contiguous() if (has_residual and dz is not None) else None,
+                                   h, weight, bias, mean, rstd, rms, offset, round_normalized)
+        return dx, (dx if has_residual else None), dw, db, None, None, None, None
+
+
+def _register_for_torchscript(fn, op: str) -> None:
+    """Make TorchScript compile calls of ``fn`` to the operator ``op`` (as it does for torch's builtins)."""
+    from torch.jit import _builtins
+
+    if _builtins._builtin_table is None:  # not built yet: it reads this list when it is
+        _builtins._builtin_ops.append((fn, op))
+    else:
+        _builtins._register_builtin(fn, op)
+
+
+_EAGER_OPS = {}
+if NATIVE is not None:
+    _EAGER_OPS = {
+        (False, False): NATIVE.layer_norm,
+        (True, False): lambda x, s, w, eps, offset, rn: NATIVE.rms_norm(x, s, w, eps, offset=offset, round_normalized=rn),
+        (False, True): NATIVE.add_layer_norm,
+        (True, True): lambda x, r, s, w, eps, offset, rn: NATIVE.add_rms_norm(
+            x, r, s, w, eps, offset=offset, round_normalized=rn
+        ),
+    }
+    # __torch_function__ overrides receive this module's functions, as torch's receive its own.
+    NATIVE.set_torch_function_api(sys.modules[__name__])
+    for _fn in (layer_norm, rms_norm, add_layer_norm, add_rms_norm):
+        _register_for_torchscript(_fn, f"layernorm::{_fn.__name__}")

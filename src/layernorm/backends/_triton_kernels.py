@@ -2,7 +2,9 @@
 
 Notation: a tile is ``[BLOCK_M, BLOCK_N]`` (rows x columns); ``h`` is the row being normalized (x, or
 z = x + residual rounded to x's dtype) in the accumulation dtype ``ACC`` (float32, float64 for
-float64 input); ``c = h - mean`` (``c = h`` for RMSNorm); ``xhat = c * rstd``.
+float64 input); ``c = h - mean`` (``c = h`` for RMSNorm); ``xhat = c * rstd``. ``W`` is the weight as
+the kernels use it (the host adds RMSNorm's offset, Gemma's ``1 + w``, beforehand); ``ROUND`` rounds
+xhat to the input dtype before the weight multiply (Llama's casting).
 
 Two families, chosen per width by the host:
 
@@ -43,7 +45,7 @@ def _fwd_fused(
     X, R, W, B, Y, Z, MEAN, RSTD,
     M, N, eps,
     ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RMS: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                             # [BLOCK_M]
@@ -72,6 +74,8 @@ def _fwd_fused(
         rstd = _overflow_rstd(c, mask, var, rstd, eps, N)
     tl.store(RSTD + rows, rstd, mask=row_ok)
     y = c * rstd[:, None]
+    if ROUND:  # Llama's casting: xhat rounded to the input dtype before the weight multiply
+        y = y.to(Y.dtype.element_ty).to(ACC)
     if HAS_W:
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
         y = y * w[None, :]
@@ -97,7 +101,7 @@ def _fwd_wide(
     X, R, W, B, Y, Z, MEAN, RSTD,
     M, N, eps,
     ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    RMS: tl.constexpr, BLOCK_N: tl.constexpr,
+    RMS: tl.constexpr, ROUND: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One row per program, looping over BLOCK_N-wide column blocks."""
     row = tl.program_id(0).to(tl.int64)
@@ -168,6 +172,8 @@ def _fwd_wide(
         m = cols < N
         offs = base + cols
         y = (_load_h(X, R, offs, m, ACC, HAS_RES) - mean) * rstd
+        if ROUND:
+            y = y.to(Y.dtype.element_ty).to(ACC)
         if HAS_W:
             y = y * tl.load(W + cols, mask=m, other=0.0).to(ACC)
         if HAS_B:
@@ -180,7 +186,7 @@ def _bwd_fused(
     DY, DZ, Zin, W, MEAN, RSTD, DX, DWP, DBP,
     M, N, rows_per_prog,
     ACC: tl.constexpr, HAS_DZ: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RMS: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Persistent: program p owns rows [p*rows_per_prog, (p+1)*rows_per_prog), BLOCK_M at a time,
     keeps dweight/dbias accumulators in registers and writes them to row p of the partial buffers.
@@ -211,7 +217,10 @@ def _bwd_fused(
             xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_W:
             dxhat = g * w[None, :]
-            dw_acc += g * xhat
+            if ROUND:  # the weight multiplied the rounded xhat
+                dw_acc += g * xhat.to(DX.dtype.element_ty).to(ACC)
+            else:
+                dw_acc += g * xhat
         else:
             dxhat = g
         if HAS_B:
@@ -269,7 +278,7 @@ def _bwd_wide_cols(
     DY, DZ, Zin, W, MEAN, RSTD, C1, C2, DX, DWP, DBP,
     M, N, rows_per_prog,
     ACC: tl.constexpr, HAS_DZ: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RMS: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Wide rows, launch 2 of 2: grid (column block, row group). Writes dx for its tile and the
     dweight/dbias partial sums of its row group to row ``program_id(1)`` of the partial buffers."""
@@ -299,7 +308,10 @@ def _bwd_wide_cols(
             xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_W:
             dxhat = g * w[None, :]
-            dw_acc += g * xhat
+            if ROUND:  # the weight multiplied the rounded xhat
+                dw_acc += g * xhat.to(DX.dtype.element_ty).to(ACC)
+            else:
+                dw_acc += g * xhat
         else:
             dxhat = g
         if HAS_B:

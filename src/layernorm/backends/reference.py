@@ -8,14 +8,16 @@ float32 (float64 for float64 input), whatever the input dtype.
 
 Backend contract (every backend module exposes exactly these two functions):
 
-``forward(x, residual, weight, bias, eps, rms) -> (y, z, mean, rstd)``
+``forward(x, residual, weight, bias, eps, rms, offset=0, round_normalized=False) -> (y, z, mean, rstd)``
     x, residual: (M, N) contiguous, same dtype; residual may be None.
     weight, bias: (N,) contiguous or None (float32 weights with low-precision x are allowed).
     z = x + residual (rounded to x.dtype), or None when residual is None. The norm is taken of z
     (of x when there is no residual). y has x.dtype. mean is None when rms. mean, rstd: (M,) in the
-    statistics dtype (float32, or float64 for float64 input).
+    statistics dtype (float32, or float64 for float64 input). ``offset`` is added to the weight
+    (Gemma's ``1 + w``); ``round_normalized`` rounds xhat to x's dtype before the weight multiply
+    (Llama's ``w * xhat.to(input_dtype)``).
 
-``backward(dy, dz, z, weight, bias, mean, rstd, rms) -> (dx, dweight, dbias)``
+``backward(dy, dz, z, weight, bias, mean, rstd, rms, offset=0, round_normalized=False) -> (dx, dweight, dbias)``
     z is the tensor that was normalized (x, or x + residual). dz: gradient flowing into the
     residual output z, or None. dx has z.dtype and already includes dz (so it is the gradient of
     both x and residual in the fused case). dweight/dbias have the dtype of weight/bias, or are
@@ -98,15 +100,18 @@ def backward(
     mean: Optional[Tensor],
     rstd: Tensor,
     rms: bool,
+    offset: float = 0.0,
+    round_normalized: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     acc = stat_dtype(z.dtype)
     h = z.to(acc)                                              # (M, N)
     g = dy.to(acc)                                             # (M, N) dL/dy
     centered = h if rms else h - mean[:, None]                 # (M, N)
     xhat = centered * rstd[:, None]                            # (M, N)
-    dweight = (g * xhat).sum(dim=0) if weight is not None else None  # (N,)
+    scaled = xhat.to(z.dtype).to(acc) if round_normalized else xhat  # (M, N) what the weight multiplied
+    dweight = (g * scaled).sum(dim=0) if weight is not None else None  # (N,)
     dbias = g.sum(dim=0) if bias is not None else None         # (N,)
-    dxhat = g * weight.to(acc) if weight is not None else g   # (M, N) dL/dxhat
+    dxhat = g * (weight.to(acc) + offset) if weight is not None else g  # (M, N) dL/dxhat
     # dL/dh = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)); RMSNorm drops mean(dxhat)
     proj = (dxhat * xhat).mean(dim=-1, keepdim=True)           # (M, 1)
     dh = dxhat - xhat * proj                                   # (M, N)

@@ -446,13 +446,15 @@ def forward(
     bias: Optional[Tensor],
     eps: float,
     rms: bool,
+    offset: float = 0.0,
+    round_normalized: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
     M, N = x.shape
     if x.numel() == 0:
-        return reference.forward(x, residual, weight, bias, eps, rms)
+        return reference.forward(x, residual, weight, bias, eps, rms, offset, round_normalized)
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
-    weight = weight.contiguous() if weight is not None else None
+    weight = _effective_weight(weight, offset)
     bias = bias.contiguous() if bias is not None else None
     acc = reference.stat_dtype(x.dtype)
     y = torch.empty_like(x)
@@ -460,17 +462,26 @@ def forward(
     mean = None if rms else torch.empty((M,), dtype=acc, device=x.device)
     rstd = torch.empty((M,), dtype=acc, device=x.device)
     cfg = active_table(x).lookup("fwd", x.dtype, triton.next_power_of_2(N))
-    _launch_forward(cfg, x, residual, weight, bias, y, z, mean, rstd, eps, rms)
+    _launch_forward(cfg, x, residual, weight, bias, y, z, mean, rstd, eps, rms, round_normalized)
     return y, z, mean, rstd
 
 
-def _launch_forward(cfg: Launch, x, residual, weight, bias, y, z, mean, rstd, eps, rms) -> None:
+def _effective_weight(weight: Optional[Tensor], offset: float) -> Optional[Tensor]:
+    """The weight the kernels multiply by: ``offset + weight`` in float32 when offset != 0."""
+    if weight is None:
+        return None
+    if offset == 0.0:
+        return weight.contiguous()
+    return (weight.to(reference.stat_dtype(weight.dtype)) + offset).contiguous()
+
+
+def _launch_forward(cfg: Launch, x, residual, weight, bias, y, z, mean, rstd, eps, rms, round_normalized=False) -> None:
     """Forward into preallocated outputs (contiguous tensors; the tuner calls this directly)."""
     M, N = x.shape
     args = (x, residual, weight, bias, y, z, mean, rstd, M, N, float(eps))
     flags = dict(
         ACC=_acc(x.dtype), HAS_RES=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, RMS=bool(rms),
+        HAS_B=bias is not None, RMS=bool(rms), ROUND=bool(round_normalized) and x.dtype != reference.stat_dtype(x.dtype),
     )
     with _device_ctx(x):
         if cfg.kernel == "fused":
@@ -525,16 +536,18 @@ def _bwd_buffers(plan: _BwdPlan, z: Tensor, has_w: bool, has_b: bool, rms: bool)
     return dx, dwp, dbp, c1, c2
 
 
-def _launch_backward(plan: _BwdPlan, dy, dz, z, weight, mean, rstd, rms, has_b, dx, dwp, dbp, c1, c2) -> None:
+def _launch_backward(plan: _BwdPlan, dy, dz, z, weight, mean, rstd, rms, has_b, dx, dwp, dbp, c1, c2,
+                     round_normalized=False) -> None:
     """Backward kernels into preallocated buffers (contiguous tensors; the tuner calls this directly)."""
     M, N = z.shape
     flags = dict(ACC=_acc(z.dtype), HAS_W=weight is not None, HAS_B=has_b, RMS=bool(rms))
+    rounded = bool(round_normalized) and z.dtype != reference.stat_dtype(z.dtype)
     with _device_ctx(z):
         if plan.cfg.kernel == "fused":
             _bwd_fused[(plan.programs,)](
                 dy, dz, z, weight, mean, rstd, dx, dwp, dbp, M, N, plan.rows_per_prog,
-                **flags, HAS_DZ=dz is not None, BLOCK_M=plan.block_m, BLOCK_N=triton.next_power_of_2(N),
-                num_warps=plan.num_warps,
+                **flags, HAS_DZ=dz is not None, ROUND=rounded, BLOCK_M=plan.block_m,
+                BLOCK_N=triton.next_power_of_2(N), num_warps=plan.num_warps,
             )
         else:
             block = plan.cfg.block
@@ -545,7 +558,8 @@ def _launch_backward(plan: _BwdPlan, dy, dz, z, weight, mean, rstd, rms, has_b, 
             )
             _bwd_wide_cols[(plan.col_blocks, plan.programs)](
                 dy, dz, z, weight, mean, rstd, c1, c2, dx, dwp, dbp, M, N, plan.rows_per_prog,
-                **flags, HAS_DZ=dz is not None, BLOCK_M=1, BLOCK_N=block, num_warps=plan.num_warps,
+                **flags, HAS_DZ=dz is not None, ROUND=rounded, BLOCK_M=1, BLOCK_N=block,
+                num_warps=plan.num_warps,
             )
 
 
@@ -558,19 +572,23 @@ def backward(
     mean: Optional[Tensor],
     rstd: Tensor,
     rms: bool,
+    offset: float = 0.0,
+    round_normalized: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     M, N = z.shape
     if z.numel() == 0:
-        return reference.backward(dy, dz, z, weight, bias, mean, rstd, rms)
+        return reference.backward(dy, dz, z, weight, bias, mean, rstd, rms, offset, round_normalized)
     z = z.contiguous()
     dy = dy.contiguous()
     dz = dz.contiguous() if dz is not None else None
-    weight = weight.contiguous() if weight is not None else None
+    param_dtype = weight.dtype if weight is not None else None
+    weight = _effective_weight(weight, offset)
     cfg = active_table(z).lookup("bwd", z.dtype, triton.next_power_of_2(N))
     plan = _bwd_plan(cfg, M, N, _sm_count(z))
     dx, dwp, dbp, c1, c2 = _bwd_buffers(plan, z, weight is not None, bias is not None, rms)
-    _launch_backward(plan, dy, dz, z, weight, mean, rstd, rms, bias is not None, dx, dwp, dbp, c1, c2)
+    _launch_backward(plan, dy, dz, z, weight, mean, rstd, rms, bias is not None, dx, dwp, dbp, c1, c2,
+                     round_normalized)
     # fixed-order reduction of the per-program partials: deterministic
-    dweight = dwp.sum(dim=0).to(weight.dtype) if weight is not None else None
+    dweight = dwp.sum(dim=0).to(param_dtype) if weight is not None else None
     dbias = dbp.sum(dim=0).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias

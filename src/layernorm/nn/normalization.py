@@ -18,9 +18,10 @@ __all__ = ["LayerNorm", "RMSNorm", "patch"]
 
 
 def _check_backend_name(backend: Optional[str]) -> Optional[str]:
+    """None for the automatic choice ("auto" included), else a known backend name."""
     if backend is not None and backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS) + ['auto']} or None, but got {backend!r}")
-    return backend
+    return None if backend == "auto" else backend
 
 
 class LayerNorm(nn.LayerNorm):
@@ -64,6 +65,12 @@ class LayerNorm(nn.LayerNorm):
         self.backend = _check_backend_name(backend)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.backend is None:  # TorchScript compiles this call to the operator layernorm::layer_norm
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._forward_with_backend(input)
+
+    @torch.jit.unused
+    def _forward_with_backend(self, input: Tensor) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -78,7 +85,8 @@ class RMSNorm(nn.RMSNorm):
 
     Args:
         normalized_shape: int or tuple, the trailing shape to normalize over.
-        eps: added inside the square root; None means ``torch.finfo(x.dtype).eps``, as in torch.
+        eps: added inside the square root; None means torch's default (the machine epsilon of
+            float32, float64's for float64 input).
         elementwise_affine: learnable per-element gain initialised to ones.
         backend: ``"reference"``, ``"cpu"``, ``"torch"``, ``"triton"``, or None for automatic choice.
 
@@ -102,6 +110,12 @@ class RMSNorm(nn.RMSNorm):
         self.backend = _check_backend_name(backend)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.backend is None:  # TorchScript compiles this call to the operator layernorm::rms_norm
+            return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return self._forward_with_backend(input)
+
+    @torch.jit.unused
+    def _forward_with_backend(self, input: Tensor) -> Tensor:
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:

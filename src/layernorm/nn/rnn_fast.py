@@ -55,55 +55,13 @@ __all__ = ["lstm_recurrence", "gru_recurrence", "cpp_extension_available", "IMPL
 
 IMPLS = ("auto", "cpp", "torch", "triton")
 _ENV = "LAYERNORM_RNN_IMPL"
-_SRC = Path(__file__).with_name("_rnn_cpp") / "rnn.cpp"
-
-_ext = None
-_ext_error: Optional[BaseException] = None
-_ext_lock = threading.Lock()
-
-
-def _arch_flags() -> Tuple[str, list]:
-    """(name suffix, gcc flags) for the CPU torch itself dispatches to, so the build never uses an
-    instruction set the machine lacks (the cached .so is keyed by this suffix)."""
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover - very old torch
-        cap = "DEFAULT"
-    if cap in ("AVX2", "AVX512"):
-        # 256-bit vectors: measured as fast as 512-bit here for H=256 rows, and no clock throttling
-        return "avx2", ["-mavx2", "-mfma"]
-    return "generic", []
 
 
 def _load_ext():
-    """Build (first time, ~1 min) or load the cached C++ extension; None if that fails."""
-    global _ext, _ext_error
-    if _ext is not None or _ext_error is not None:
-        return _ext
-    with _ext_lock:
-        if _ext is not None or _ext_error is not None:
-            return _ext
-        try:
-            from torch.utils import cpp_extension
+    """The package's C++ extension (:mod:`layernorm.native`, built once per environment), or None."""
+    from ..native import load
 
-            suffix, arch = _arch_flags()
-            _ext = cpp_extension.load(
-                name=f"layernorm_rnn_{suffix}",
-                sources=[str(_SRC)],
-                extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *arch],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as exc:  # no compiler, no headers, ...: the torch path still works
-            _ext_error = exc
-            warnings.warn(
-                f"layernorm.nn.rnn_fast: could not build the C++ recurrence ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); using the slower "
-                f"torch-ops implementation. Set {_ENV}=torch to silence this.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _ext
+    return load()
 
 
 def cpp_extension_available() -> bool:
@@ -142,7 +100,7 @@ def _pick_impl(impl: Optional[str], x: Tensor):
             raise ValueError(f"impl='cpp' needs CPU float32/float64 tensors, but got {x.dtype} on {x.device}")
         ext = _load_ext()
         if ext is None:
-            raise RuntimeError(f"impl='cpp' requested but the C++ extension failed to build: {_ext_error}")
+            raise RuntimeError("impl='cpp' requested but the C++ extension is not built (`layernorm build` says why)")
         return _cpp_adapter(ext)
     if cpp_ok and os.environ.get(_ENV, "auto") != "torch":
         ext = _load_ext()

@@ -593,6 +593,13 @@ PyMethodDef norm_methods[] = {
 
 void bind_norm(pybind11::module& m) {
   TORCH_CHECK(PyModule_AddFunctions(m.ptr(), norm_methods) == 0, "layernorm: could not add the norm functions");
+  m.def(
+      "check_args",
+      [](const Tensor& input, const OptTensor& residual, std::vector<int64_t> normalized_shape,
+         const OptTensor& weight, const OptTensor& bias, bool rms) {
+        check_args(input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, bias, rms);
+      },
+      "The operators' argument checks (torch's rules and messages), for the backends that bypass them.");
   m.def("set_torch_function_api", [](pybind11::object api) {
     Py_XDECREF(torch_function_api);
     torch_function_api = api.release().ptr();
