@@ -34,7 +34,7 @@ __all__ = ["NAME", "BuildFailed", "build", "build_key", "build_folder", "cache_r
 
 NAME = "layernorm_native"
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("module.cpp", "norm_ops.cpp", "norm_kernels.cpp", "rnn.cpp")
+SOURCES = ("module.cpp", "norm_ops.cpp", "norm_kernels.cpp", "output_cache.cpp", "rnn.cpp")
 # -fno-trapping-math lets gcc turn clamps into blends and -fno-math-errno inlines sqrt; without them
 # the RNN's row loops do not vectorize. Neither changes results (no -ffast-math: NaN and rounding
 # behaviour of the statistics stay IEEE).

@@ -14,6 +14,7 @@
 // grows with N / kBlock, not N); their order is fixed by this code, so results are deterministic.
 #include "norm_kernels.h"
 
+#include "output_cache.h"
 #include "simd.h"
 
 #include <ATen/Dispatch.h>
@@ -407,9 +408,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cpu(
   const at::Tensor r = has_residual ? residual->contiguous() : at::Tensor();
   const int64_t M = rows_of(x, N);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = empty_output(x.sizes(), x.options());
   at::Tensor z, mean, rstd;
-  if (has_residual) z = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (has_residual) z = empty_output(x.sizes(), x.options());
   if (want_stats) {
     z = has_residual ? z : x.new_empty({0});
     mean = x.new_empty({rms ? 0 : M}, x.options().dtype(acc));
@@ -446,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(
   const bool has_w = weight.has_value() && weight->defined();
   const bool has_b = bias.has_value() && bias->defined();
   const int64_t M = rows_of(h, N);
-  at::Tensor dx = output_mask[0] ? at::empty_like(h, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor dx = output_mask[0] ? empty_output(h.sizes(), h.options()) : at::Tensor();
   at::Tensor dw = output_mask[1] && has_w ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : at::Tensor();
   at::Tensor db = output_mask[2] && has_b ? at::empty_like(*bias, at::MemoryFormat::Contiguous) : at::Tensor();
   if (M == 0 || N == 0) {

@@ -12,6 +12,7 @@
 // arguments with torch's own PythonArgParser: the same accepted types, error messages and
 // __torch_function__ handling as torch.nn.functional, at the cost of a torch builtin call.
 #include "norm_kernels.h"
+#include "output_cache.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -55,8 +56,11 @@ void check_args(const Tensor& input, const OptTensor& residual, c10::SymIntArray
     matches = input.sym_size(ndim - k + i) == normalized_shape[i];
   }
   if (!matches) {
+    // torch's two messages, character for character: layer_norm writes "[*, 5]", rms_norm "[*5]".
     std::ostringstream expected;
-    for (const auto& s : normalized_shape) expected << ", " << s;
+    for (size_t i = 0; i < normalized_shape.size(); ++i) {
+      expected << (i > 0 || !rms ? ", " : "") << normalized_shape[i];
+    }
     TORCH_CHECK(false, "Given normalized_shape=", normalized_shape, ", expected input with shape [*",
                 expected.str(), "], but got input of size", input.sym_sizes());
   }
@@ -68,10 +72,12 @@ void check_args(const Tensor& input, const OptTensor& residual, c10::SymIntArray
                 "Expected residual of the input's shape ", input.sym_sizes(), " and dtype ", dtype,
                 ", but got residual of shape ", residual->sym_sizes(), " and dtype ", residual->scalar_type());
   }
-  for (const OptTensor* p : {&residual, &weight, &bias}) {
-    TORCH_CHECK(!present(*p) || (*p)->device() == input.device(),
-                "Expected all tensors to be on the same device, but found at least two devices, ",
-                input.device(), " and ", (*p)->device(), "!");
+  const char* names[] = {"residual", "weight", "bias"};
+  const OptTensor* params[] = {&residual, &weight, &bias};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(!present(*params[i]) || (*params[i])->device() == input.device(), "Tensor on device ",
+                (*params[i])->device(), " is not on the expected device ", input.device(), "! (argument ", names[i],
+                ")");
   }
   if (rms) {
     TORCH_CHECK(!present(weight) || at::isFloatingType(weight->scalar_type()),
@@ -600,6 +606,16 @@ void bind_norm(pybind11::module& m) {
         check_args(input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, bias, rms);
       },
       "The operators' argument checks (torch's rules and messages), for the backends that bypass them.");
+  m.def(
+      "output_cache_stats",
+      []() {
+        const OutputCacheStats s = output_cache_stats();
+        return pybind11::dict(pybind11::arg("cached_bytes") = s.cached_bytes,
+                              pybind11::arg("cached_blocks") = s.cached_blocks, pybind11::arg("cap_bytes") = s.cap_bytes,
+                              pybind11::arg("min_bytes") = s.min_bytes);
+      },
+      "Memory held for reuse by large outputs (see output_cache.h).");
+  m.def("release_output_cache", &release_output_cache, "Return the memory held for large outputs to the system.");
   m.def("set_torch_function_api", [](pybind11::object api) {
     Py_XDECREF(torch_function_api);
     torch_function_api = api.release().ptr();
