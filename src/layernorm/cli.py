@@ -3,6 +3,7 @@
 ::
 
     layernorm info [--json]          versions, devices, backends and the automatic choice per dtype
+    layernorm build [--force]        build the C++ extension for this environment now
     layernorm bench [...]            LayerNorm/RMSNorm providers vs a copy baseline (see --help)
     layernorm bench --rnn [...]      the layer-normalized LSTM/GRU benchmark
     layernorm bench --tune [...]     tune the Triton backend's launch table on this GPU
@@ -19,9 +20,10 @@ from typing import List, Optional, Sequence
 
 __all__ = ["main", "info"]
 
-_USAGE = """usage: layernorm {info,bench,lab} [...]
+_USAGE = """usage: layernorm {info,build,bench,lab} [...]
 
   info [--json]        versions, devices, available backends, automatic choice per (device, dtype)
+  build [--force]      build the C++ extension for this environment now (otherwise: on first import)
   bench [...]          norm-op benchmark (layernorm bench --help)
   bench --rnn [...]    recurrent-layer benchmark (layernorm bench --rnn --help)
   bench --tune [...]   tune the Triton launch table on this GPU (layernorm bench --tune --help)
@@ -53,36 +55,50 @@ def info_dict() -> dict:
     import torch
 
     import layernorm
-    from layernorm.backends import BACKENDS, _load, _runs_on, available_backends, choose_backend
+    from layernorm.backends import BACKENDS, _why_not, available_backends, choose_backend
 
-    from .bench._machine import describe_machine, numba_threading
+    from .bench._machine import describe_machine
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     backends = {}
     for dev in devices:
         d = torch.device(dev)
-        avail = available_backends(dev)
-        unavailable = {}
-        for name in BACKENDS:
-            if name in avail:
-                continue
-            if not _runs_on(name, d):
-                unavailable[name] = f"runs on {list(BACKENDS[name][1])}"
-            else:
-                unavailable[name] = _load(name)[1] or "unavailable"
         backends[dev] = {
-            "available": avail,
-            "unavailable": unavailable,
+            "available": available_backends(dev),
+            "unavailable": {name: _why_not(name, d) for name in BACKENDS if _why_not(name, d)},
             "auto": {str(dt).replace("torch.", ""): choose_backend(d, dt)
                      for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)},
         }
-    machine = describe_machine()
-    machine["numba"] = numba_threading()  # after the backends loaded (the cpu backend imports numba)
     return {
         "layernorm": {"version": getattr(layernorm, "__version__", None), "path": layernorm.__file__},
-        "machine": machine,
+        "machine": describe_machine(),
         "backends": backends,
     }
+
+
+def build(argv: Sequence[str] = ()) -> int:
+    """``layernorm build``: build this environment's C++ extension now (CI, containers)."""
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(prog="layernorm build", description=(
+        "Build the C++ extension for this environment (it is otherwise built on first import), "
+        "or report where the existing build is."))
+    p.add_argument("--force", action="store_true", help="rebuild even if a build exists (also retries a failed one)")
+    args = p.parse_args(list(argv))
+    from layernorm.native import loader
+
+    folder = loader.build_folder()
+    existed = (folder / f"{loader.NAME}.so").exists() and not args.force
+    started = time.perf_counter()
+    try:
+        loader.build(force=args.force)
+    except loader.BuildFailed as exc:
+        return _fail(f"the C++ extension could not be built: {exc}\n"
+                     "  install a C++ compiler and the Python headers (e.g. `apt install g++ python3-dev`) and retry")
+    what = "already built" if existed else f"built in {time.perf_counter() - started:.0f} s"
+    print(f"layernorm: C++ extension {what}: {folder}")
+    return 0
 
 
 def info(argv: Sequence[str] = ()) -> int:
@@ -109,9 +125,9 @@ def info(argv: Sequence[str] = ()) -> int:
     t.add_row("cpu", f"{m['cpu_model']} ({m['cpu_count']} cpus, {m['cpu_affinity']} usable)")
     t.add_row("torch threads", f"{m['torch_threads']} intra-op, {m['torch_interop_threads']} inter-op "
                                f"({m['torch_parallel_info'] or '?'})")
-    nb = m["numba"]
-    t.add_row("numba threading", "not loaded" if not nb["loaded"] else
-              f"layer {nb['threading_layer'] or 'not chosen yet (no parallel kernel ran)'}, {nb['num_threads']} threads")
+    nat = m["native"]
+    t.add_row("C++ extension", f"built for {nat['isa']}: {nat['folder']}" if nat["built"] else
+              f"[red]not built[/]: {nat['error']} (`layernorm build` retries)")
     cuda = m["cuda"]
     t.add_row("cuda", "no CUDA device" if cuda is None else
               f"{cuda['name']} (sm {cuda['capability']}, {cuda['multiprocessors']} SMs, {cuda['memory_gib']} GiB, "
@@ -146,6 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if cmd == "info":
             return info(rest)
+        if cmd == "build":
+            return build(rest)
         if cmd == "bench":
             if "--tune" in rest:
                 fn = _import_main("layernorm.bench.tune", "the Triton launch-table tuner (layernorm.bench.tune)")

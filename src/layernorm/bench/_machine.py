@@ -1,7 +1,7 @@
 """What machine a benchmark ran on: enough to tell two result files apart and to reproduce them.
 
 Shared by ``layernorm info`` and every benchmark's JSON (``machine`` block). Reading versions goes
-through package metadata, so describing the machine imports neither numba nor triton.
+through package metadata, so describing the machine does not import triton.
 """
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import os
 import platform
 import sys
 from importlib import metadata
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
-__all__ = ["describe_machine", "package_versions", "cpu_model", "numba_threading", "ENV_VARS"]
+__all__ = ["describe_machine", "package_versions", "cpu_model", "native_extension", "load_average", "ENV_VARS"]
 
 # environment variables that change timings; recorded verbatim (None when unset)
 ENV_VARS = (
@@ -29,7 +29,7 @@ ENV_VARS = (
     "CUDA_VISIBLE_DEVICES",
 )
 
-_PACKAGES = ("layernorm", "torch", "numba", "numpy", "triton", "liger-kernel", "quack-kernels", "rich", "matplotlib")
+_PACKAGES = ("layernorm", "torch", "numpy", "triton", "liger-kernel", "quack-kernels", "rich", "matplotlib")
 
 
 def package_versions() -> Dict[str, Optional[str]]:
@@ -65,19 +65,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def numba_threading() -> Dict[str, Optional[object]]:
-    """numba's threading layer and thread count, only if numba is already imported (never imports it).
+def native_extension() -> Dict[str, Optional[object]]:
+    """The C++ extension of this environment: built or not, where, for which instruction set."""
+    from ..native import loader
 
-    ``threading_layer()`` raises until a parallel kernel has run, so the layer is None before that.
-    """
-    numba = sys.modules.get("numba")
-    if numba is None:
-        return {"loaded": False, "threading_layer": None, "num_threads": None}
+    tag, _ = loader.arch_flags()
+    folder = loader.build_folder()
+    seconds = folder / "build-seconds.txt"
+    module = loader.load()
+    return {
+        "built": module is not None,
+        "folder": str(folder),
+        "isa": tag,
+        "build_seconds": float(seconds.read_text()) if seconds.exists() else None,
+        "error": None if module is not None else str(loader._state["error"]),
+    }
+
+
+def load_average() -> Optional[List[float]]:
+    """1, 5 and 15 minute load averages (a busy machine makes timings unreliable)."""
     try:
-        layer = numba.threading_layer()
-    except Exception:  # ValueError: no parallel kernel has run yet
-        layer = None
-    return {"loaded": True, "threading_layer": layer, "num_threads": getattr(numba.config, "NUMBA_NUM_THREADS", None)}
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _cuda_block(torch) -> Optional[dict]:
@@ -113,7 +123,8 @@ def describe_machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "torch_parallel_info": _parallel_backend(torch),
-        "numba": numba_threading(),
+        "native": native_extension(),
+        "load_average": load_average(),
         "versions": package_versions(),
         "cuda": _cuda_block(torch),
         "env": {k: os.environ.get(k) for k in ENV_VARS},

@@ -98,7 +98,7 @@ def _compile_build(op: str, device: torch.device) -> Fn:
 
 
 # ------------------------------------------------------------------------------------------- ours
-def _ours_build_for(backend: str) -> Callable[[str, torch.device], Fn]:
+def _ours_build_for(backend: Optional[str]) -> Callable[[str, torch.device], Fn]:
     def build(op: str, device: torch.device) -> Fn:
         from .. import functional as LF
         from ..backends import BackendUnavailable, resolve_backend
@@ -194,8 +194,12 @@ def _probe(module: str, dist: str) -> Tuple[bool, str, Optional[str]]:
 
 
 def default_providers(device: torch.device, include_reference: bool = False) -> List[Provider]:
-    """Every provider, available or not (unavailable ones carry their reason), in table order."""
-    from ..backends import BACKENDS, _runs_on, _load
+    """Every provider, available or not (unavailable ones carry their reason), in table order.
+
+    ``ours`` is what a user gets: the operators of :mod:`layernorm.ops`, their kernel chosen by device
+    (the C++ kernels on CPU, Triton on CUDA). ``ours:torch`` and ``ours:reference`` are the backend
+    overrides (torch's kernels through our API; the plain-PyTorch spec, with ``--all``)."""
+    from ..backends import choose_backend
 
     out = [
         Provider("eager", _eager_build, "torch.nn.functional (x + r then the norm for add ops)",
@@ -203,17 +207,15 @@ def default_providers(device: torch.device, include_reference: bool = False) -> 
         Provider("compile", _compile_build, "torch.compile(eager function, dynamic=False); functorch donated_buffer=False",
                  version=torch.__version__),
     ]
-    for name in BACKENDS:
-        p = Provider(f"ours:{name}", _ours_build_for(name), f"layernorm.functional with backend={name!r}")
-        if name == "reference" and not include_reference:
-            p.available, p.reason = False, "slow spec implementation; pass --all to time it"
-        elif not _runs_on(name, device):
-            p.available, p.reason = False, f"runs on {list(BACKENDS[name][1])}, not {device.type}"
-        else:
-            mod, why = _load(name)
-            if mod is None:
-                p.available, p.reason = False, why
-        out.append(p)
+    kernel = choose_backend(device, torch.float32)
+    ours = Provider("ours", _ours_build_for(None), f"layernorm.functional, automatic choice ({kernel} kernels here)")
+    if kernel == "torch":
+        ours.available, ours.reason = False, "the operators' kernels cannot run here (see `layernorm info`)"
+    out.append(ours)
+    ref = Provider("ours:reference", _ours_build_for("reference"), "layernorm.functional with backend='reference'")
+    if not include_reference:
+        ref.available, ref.reason = False, "slow spec implementation; pass --all to time it"
+    out.append(ref)
     for name, module, dist, build, desc in (
         ("liger", "liger_kernel.ops.layer_norm", "liger-kernel", _liger_build,
          "Liger-Kernel autograd Functions (RMS: casting_mode='llama', in_place=False)"),

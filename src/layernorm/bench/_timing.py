@@ -10,7 +10,8 @@ Method (recorded in every result file by :func:`timing_method`):
 - :func:`time_interleaved` (the RNN bench): several providers, one call of each per round in
   rotating order, each call timed with :func:`time.perf_counter` (after ``torch.cuda.synchronize``
   on CUDA; no L2 flush: these calls run for milliseconds).
-The reported time is the median; the minimum is kept too.
+The reported time is the median; the minimum and the quartiles are kept too (``Timing.spread``, the
+interquartile range over the median, says how noisy the repeats were).
 """
 from __future__ import annotations
 
@@ -38,6 +39,18 @@ class Timing:
     median_ms: float
     min_ms: float
     reps: int
+    p25_ms: float = float("nan")
+    p75_ms: float = float("nan")
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median: ~0.01-0.05 on a quiet machine, more under load."""
+        return (self.p75_ms - self.p25_ms) / self.median_ms if self.median_ms > 0 else float("nan")
+
+
+def _summary(times_ms: List[float]) -> Timing:
+    q = statistics.quantiles(times_ms, n=4) if len(times_ms) >= 2 else [times_ms[0]] * 3
+    return Timing(statistics.median(times_ms), min(times_ms), len(times_ms), q[0], q[2])
 
 
 _FLUSH: dict = {}
@@ -83,7 +96,7 @@ def _time_cpu(fn, cfg: TimerConfig) -> Timing:
     finally:
         if gc_was_enabled:
             gc.enable()
-    return Timing(statistics.median(times) * 1e3, min(times) * 1e3, len(times))
+    return _summary([t * 1e3 for t in times])
 
 
 def _time_cuda(fn, device: torch.device, cfg: TimerConfig) -> Timing:
@@ -103,8 +116,7 @@ def _time_cuda(fn, device: torch.device, cfg: TimerConfig) -> Timing:
         fn()
         ends[i].record()
     torch.cuda.synchronize(device)
-    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return Timing(statistics.median(times), min(times), n)
+    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
@@ -144,7 +156,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {k: Timing(statistics.median(v), min(v), len(v)) for k, v in times.items()}
+    return {k: _summary(v) for k, v in times.items()}
 
 
 def timing_method(device: torch.device, cfg: TimerConfig) -> dict:
@@ -154,7 +166,7 @@ def timing_method(device: torch.device, cfg: TimerConfig) -> dict:
         clock = "time.perf_counter around each call; gc disabled while timing"
     return {
         "clock": clock,
-        "statistic": "median of reps (min also recorded)",
+        "statistic": "median of reps (min and quartiles also recorded; spread = IQR / median)",
         "warmup": cfg.warmup,
         "reps": f"budget_s/time_per_call clamped to [{cfg.min_reps}, {cfg.max_reps}]",
         "budget_s": cfg.budget_s,

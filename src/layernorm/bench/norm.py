@@ -114,8 +114,8 @@ def build_parser(prog: str = "layernorm bench") -> argparse.ArgumentParser:
                    help="comma list of row counts (default: CPU tensors of ~4/12/28 MB; CUDA rows*cols = --numel)")
     p.add_argument("--numel", type=int, default=CUDA_NUMEL, help="CUDA default grid: rows*cols")
     p.add_argument("--providers", default=None,
-                   help="comma list to run (eager, compile, ours:cpu, ours:torch, ours:triton, ours:reference, "
-                   "liger, quack); default: every available one")
+                   help="comma list to run (eager, compile, ours, ours:reference, liger, quack); "
+                   "default: every available one")
     p.add_argument("--all", action="store_true", help="also time the slow ours:reference backend")
     p.add_argument("--quick", action="store_true",
                    help="a couple of shapes, few repeats, no torch.compile on CPU (< 20 s on CPU)")
@@ -418,7 +418,7 @@ def run(args: argparse.Namespace, extra_providers: Sequence[Provider] = (), cons
         "partial": False,
     }
     active = [p for p in providers if p.available]
-    if any(p.name == "ours:triton" for p in active):
+    if device.type == "cuda" and any(p.name == "ours" for p in active):
         # which launch table the triton backend uses (LAYERNORM_TRITON_TABLE, a packaged device file,
         # or the built-in rule): a tuned table changes its timings
         try:
@@ -440,14 +440,10 @@ def run(args: argparse.Namespace, extra_providers: Sequence[Provider] = (), cons
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (timeout): keep and save what was measured
             doc["interrupted"] = True
             console.print("[yellow]interrupted: saving the results measured so far[/]")
-        doc["copy"] = [{"bytes": b, "ms": t.median_ms, "gbps": b / t.median_ms / 1e6}
+        doc["copy"] = [{"bytes": b, "ms": t.median_ms, "gbps": b / t.median_ms / 1e6, "spread": t.spread}
                        for b, t in sorted(copy.cache.items())]
         _add_speedups(doc["results"])
         doc["summary"] = summarize(doc["results"])
-    # numba picks its threading layer at the first parallel kernel, i.e. during the run
-    from ._machine import numba_threading
-
-    doc["machine"]["numba"] = numba_threading()
     return doc
 
 
@@ -491,7 +487,7 @@ def _run_provider(p, t, op, dtype, modes, device, cfg, copy, ref_outs, ref_grads
     rows = []
 
     def row(mode, status, **kw):
-        d = dict(base, provider=p.name, mode=mode, status=status, ms=None, ms_min=None, reps=None,
+        d = dict(base, provider=p.name, mode=mode, status=status, ms=None, ms_min=None, reps=None, spread=None,
                  bytes=None, gbps=None, copy_ms=None, copy_gbps=None, frac_copy=None, speedup_vs_eager=None,
                  max_err=None, tol=None, error=None)
         d.update(kw)
@@ -528,7 +524,8 @@ def _run_provider(p, t, op, dtype, modes, device, cfg, copy, ref_outs, ref_grads
             rows.append(row(mode, "error", max_err=errs, tol=tols, error=_short_error(exc)))
             _free(device)
             continue
-        rows.append(row(mode, "ok", ms=timing.median_ms, ms_min=timing.min_ms, reps=timing.reps, bytes=nbytes,
+        rows.append(row(mode, "ok", ms=timing.median_ms, ms_min=timing.min_ms, reps=timing.reps,
+                        spread=timing.spread, bytes=nbytes,
                         gbps=nbytes / timing.median_ms / 1e6, copy_ms=c.median_ms,
                         copy_gbps=nbytes / c.median_ms / 1e6, frac_copy=c.median_ms / timing.median_ms,
                         max_err=errs, tol=tols))
@@ -696,7 +693,7 @@ def print_tables(doc: dict, console) -> None:
         console.print("[dim]not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "[/]")
 
 
-CSV_FIELDS = ["provider", "op", "mode", "dtype", "rows", "cols", "status", "ms", "ms_min", "reps", "bytes", "gbps",
+CSV_FIELDS = ["provider", "op", "mode", "dtype", "rows", "cols", "status", "ms", "ms_min", "reps", "spread", "bytes", "gbps",
               "copy_ms", "copy_gbps", "frac_copy", "speedup_vs_eager", "max_err", "tol", "error"]
 
 

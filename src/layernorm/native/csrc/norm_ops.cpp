@@ -2,7 +2,7 @@
 //
 //   layernorm::layer_norm, rms_norm, add_layer_norm, add_rms_norm   the public ops: torch's
 //       signatures (+ residual, + Hugging Face's offset and rounding for RMSNorm). Autograd kernel:
-//       NormFunction below; below autograd (inference mode): the same forward without a graph.
+//       NormBackward below; below autograd (inference mode): the same forward without a graph.
 //   layernorm::norm_forward, norm_backward   the two kernels every public op runs on. CPU: the C++
 //       kernels (norm_kernels.cpp); Meta: shapes only, so fake tensors, torch.compile and
 //       torch.export trace through; CUDA: the Triton kernels, registered from Python
@@ -18,7 +18,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/SymIntArrayRef.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/utils/wrap_outputs.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/csrc/utils/python_arg_parser.h>
@@ -224,80 +226,89 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& dy, con
   return {dh.to(h.scalar_type()), dw, db};
 }
 
-struct NormFunction : public torch::autograd::Function<NormFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
-                                                const OptTensor& residual, SymShape shape, const OptTensor& weight,
-                                                const OptTensor& bias, double eps, bool rms, double offset,
-                                                bool round_normalized) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, z, mean, rstd] = call_forward(input, residual, shape, weight, bias, eps, rms, offset, round_normalized);
-    const bool has_residual = present(residual);
-    ctx->save_for_backward({has_residual ? z : input, mean, rstd, weight.value_or(Tensor()), bias.value_or(Tensor())});
-    ctx->saved_data["shape"] = c10::IValue(c10::SymIntArrayRef(shape));
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["rms"] = rms;
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["round"] = round_normalized;
-    // Edge index of each tensor argument that is present: input, residual, weight, bias.
-    int64_t edge = 1;
-    ctx->saved_data["residual_edge"] = has_residual ? edge++ : int64_t(-1);
-    ctx->saved_data["weight_edge"] = present(weight) ? edge++ : int64_t(-1);
-    ctx->saved_data["bias_edge"] = present(bias) ? edge++ : int64_t(-1);
-    ctx->set_materialize_grads(false);
-    if (has_residual) return {y, z};
-    return {y};
+// The backward node every public op records when a gradient can flow: a torch::autograd::Node with
+// its state in plain fields, as torch's own generated nodes keep theirs (a custom Function's
+// dictionary of saved values costs several microseconds per call, most of a 1x768 LayerNorm).
+// Edges: input, residual, weight, bias (invalid edges for the absent ones).
+struct NormBackward final : public torch::autograd::Node {
+  torch::autograd::SavedVariable normalized, mean, rstd, weight, bias;
+  SymShape shape;
+  double eps = 0.0, offset = 0.0;
+  bool rms = false, round_normalized = false;
+
+  std::string name() const override { return "layernorm::NormBackward"; }
+
+  void release_variables() override {
+    normalized.reset_data();
+    mean.reset_data();
+    rstd.reset_data();
+    weight.reset_data();
+    bias.reset_data();
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const Tensor& h = saved[0];
-    const Tensor &mean = saved[1], &rstd = saved[2], &weight = saved[3], &bias = saved[4];
-    const SymShape shape = ctx->saved_data["shape"].toSymIntVector();
-    const double eps = ctx->saved_data["eps"].toDouble(), offset = ctx->saved_data["offset"].toDouble();
-    const bool rms = ctx->saved_data["rms"].toBool(), round_normalized = ctx->saved_data["round"].toBool();
-    const int64_t residual_edge = ctx->saved_data["residual_edge"].toInt();
-    const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
-    const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
-    const bool want_x = ctx->needs_input_grad(0) || (residual_edge >= 0 && ctx->needs_input_grad(residual_edge));
-    const bool want_w = weight_edge >= 0 && ctx->needs_input_grad(weight_edge);
-    const bool want_b = bias_edge >= 0 && ctx->needs_input_grad(bias_edge);
-
-    Tensor dy = grads[0];
-    Tensor dz = grads.size() > 1 ? grads[1] : Tensor();
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    const bool want_x = task_should_compute_output(0) || task_should_compute_output(1);
+    const bool want_w = task_should_compute_output(2), want_b = task_should_compute_output(3);
+    const Tensor h = normalized.unpack(getptr());
+    const Tensor w = weight.unpack(), b = bias.unpack();
+    const Tensor& dy = grads[0];
+    const Tensor dz = grads.size() > 1 ? grads[1] : Tensor();
     Tensor dx, dw, db;
     if (!dy.defined()) {  // only the sum (input + residual) reached the loss
       dx = dz;
-    } else if (at::GradMode::is_enabled()) {
+    } else if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable backward
       std::tie(dx, dw, db) =
-          differentiable_backward(dy, dz, h, weight, static_cast<int64_t>(shape.size()), eps, rms, offset,
-                                  round_normalized, want_w, want_b, want_b ? bias.scalar_type() : h.scalar_type());
+          differentiable_backward(dy, dz, h, w, static_cast<int64_t>(shape.size()), eps, rms, offset,
+                                  round_normalized, want_w, want_b, b.defined() ? b.scalar_type() : h.scalar_type());
     } else {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(dx, dw, db) = call_backward(dy, dz.defined() ? OptTensor(dz) : OptTensor(), h, mean, rstd, shape,
-                                           weight.defined() ? OptTensor(weight) : OptTensor(),
-                                           bias.defined() ? OptTensor(bias) : OptTensor(), rms, offset,
-                                           round_normalized, {want_x, want_w, want_b});
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(dx, dw, db) = call_backward(dy, dz.defined() ? OptTensor(dz) : OptTensor(), h, mean.unpack(),
+                                           rstd.unpack(), shape, w.defined() ? OptTensor(w) : OptTensor(),
+                                           b.defined() ? OptTensor(b) : OptTensor(), rms, offset, round_normalized,
+                                           {want_x, want_w, want_b});
     }
-    if (!want_x) dx = Tensor();
-    if (!want_w) dw = Tensor();
-    if (!want_b) db = Tensor();
-    // One gradient per forward argument: input, residual, shape, weight, bias, eps, rms, offset, round.
-    return {dx, residual_edge >= 0 ? dx : Tensor(), Tensor(), dw, db, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {want_x ? dx : Tensor(), want_x ? dx : Tensor(), want_w ? dw : Tensor(), want_b ? db : Tensor()};
   }
 };
 
+// y (and z) of a public op, recording NormBackward when a gradient can flow.
 torch::autograd::variable_list apply_norm(const Tensor& input, const OptTensor& residual, c10::SymIntArrayRef shape,
                                           const OptTensor& weight, const OptTensor& bias, double eps, bool rms,
                                           double offset, bool round_normalized) {
   check_args(input, residual, shape, weight, bias, rms);
-  return NormFunction::apply(input, residual, shape.vec(), weight, bias, eps, rms, offset, round_normalized);
+  c10::intrusive_ptr<NormBackward> node;
+  if (torch::autograd::compute_requires_grad(input, residual, weight, bias)) {
+    node = c10::make_intrusive<NormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input, residual, weight, bias));
+  }
+  Tensor y, z, mean, rstd;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(y, z, mean, rstd) = call_forward(input, residual, shape, weight, bias, eps, rms, offset, round_normalized);
+  }
+  const bool has_residual = present(residual);
+  if (node) {
+    torch::autograd::set_history(y, node);
+    if (has_residual) torch::autograd::set_history(z, node);
+    node->normalized = torch::autograd::SavedVariable(has_residual ? z : input, /*is_output=*/has_residual);
+    node->mean = torch::autograd::SavedVariable(mean, false);
+    node->rstd = torch::autograd::SavedVariable(rstd, false);
+    node->weight = torch::autograd::SavedVariable(weight, false);
+    node->bias = torch::autograd::SavedVariable(bias, false);
+    node->shape = shape.vec();
+    node->eps = eps;
+    node->offset = offset;
+    node->rms = rms;
+    node->round_normalized = round_normalized;
+  }
+  if (has_residual) return {y, z};
+  return {y};
 }
 
 // ---- the public ops ----------------------------------------------------------------------------------
 //
 // Below autograd: on CPU a direct kernel that skips the statistics (inference); elsewhere (Meta,
-// CUDA) the output of norm_forward. The autograd kernel records NormFunction only when a gradient can
+// CUDA) the output of norm_forward. The autograd kernel records NormBackward only when a gradient can
 // flow, else it goes straight below autograd: eager inference pays no autograd bookkeeping.
 
 Tensor layer_norm_composite(const Tensor& input, c10::SymIntArrayRef shape, const OptTensor& weight,
