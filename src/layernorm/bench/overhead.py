@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["run_calls", "run_model", "GPTStack"]
+__all__ = ["run_calls", "run_model", "run_startup", "GPTStack"]
 
 WIDTH = 768
 
@@ -186,3 +186,37 @@ def run_model(quick: bool = False, tokens=(1, 64), layers: int = 6) -> List[dict
             "samples": r["ours"]["samples"], "max_abs_diff_output": err,
         })
     return results
+
+
+_STARTUP_SCRIPT = """
+import time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import layernorm
+t2 = time.perf_counter()
+layernorm.layer_norm(torch.randn(1, 768), (768,))
+t3 = time.perf_counter()
+print(t1 - t0, t2 - t1, t3 - t2, layernorm.ops.NATIVE is not None)
+"""
+
+
+def run_startup(runs: int = 5) -> dict:
+    """Import and first-call times of fresh processes (the extension is built before the first one)."""
+    import subprocess
+    import sys
+
+    from ..native import build, build_folder
+
+    build()  # the one-time build is not what this measures
+    samples = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", _STARTUP_SCRIPT], capture_output=True, text=True, check=True)
+        torch_s, layernorm_s, call_s, native = out.stdout.split()
+        samples.append((float(torch_s), float(layernorm_s), float(call_s), native == "True"))
+    med = lambda i: statistics.median(s[i] for s in samples)  # noqa: E731
+    return {
+        "runs": runs, "import_torch_s": med(0), "import_layernorm_s": med(1), "first_call_s": med(2),
+        "layernorm_total_s": med(1) + med(2), "native_loaded": all(s[3] for s in samples),
+        "build_folder": str(build_folder()),
+    }
