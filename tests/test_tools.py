@@ -66,7 +66,8 @@ def test_jit_script_modules():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 32)
     for module in (layernorm.LayerNorm(32), layernorm.RMSNorm(32), layernorm.RMSNorm(32, eps=1e-6),
-                   layernorm.LayerNorm((5, 32), bias=False), layernorm.LayerNorm(32, elementwise_affine=False)):
+                   layernorm.LayerNorm((5, 32), bias=False), layernorm.LayerNorm(32, elementwise_affine=False),
+                   layernorm.LayerNorm(32, backend="reference"), layernorm.RMSNorm(32, backend="torch")):
         scripted = torch.jit.script(module)
         assert "layernorm::" in str(scripted.graph)
         assert_close(scripted(x), module(x))

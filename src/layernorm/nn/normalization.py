@@ -65,7 +65,9 @@ class LayerNorm(nn.LayerNorm):
         self.backend = _check_backend_name(backend)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.backend is None:  # TorchScript compiles this call to the operator layernorm::layer_norm
+        # TorchScript compiles this call to the operator layernorm::layer_norm (a backend override is
+        # an eager-mode choice: a scripted module always runs the operator)
+        if self.backend is None or torch.jit.is_scripting():
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return self._forward_with_backend(input)
 
@@ -110,7 +112,7 @@ class RMSNorm(nn.RMSNorm):
         self.backend = _check_backend_name(backend)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.backend is None:  # TorchScript compiles this call to the operator layernorm::rms_norm
+        if self.backend is None or torch.jit.is_scripting():  # scripted: the operator layernorm::rms_norm
             return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
         return self._forward_with_backend(input)
 
