@@ -29,7 +29,7 @@ def _outcome(fn):
     return None, "no error"
 
 
-# (id, args after input for layer_norm/F.layer_norm, input)
+# (id, the arguments of layer_norm and F.layer_norm)
 LAYER_NORM_CASES = [
     ("shape-mismatch", lambda: (x8(), (5,))),
     ("shape-too-long", lambda: (x8(), (2, 3, 8, 1))),
@@ -58,14 +58,6 @@ LAYER_NORM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", [c[1] for c in LAYER_NORM_CASES], ids=[c[0] for c in LAYER_NORM_CASES])
-def test_layer_norm_errors_are_torchs(case):
-    ours = _outcome(lambda: layernorm.layer_norm(*case()))
-    theirs = _outcome(lambda: TF.layer_norm(*case()))
-    assert theirs[0] is not None, "the case must be an error in torch"
-    assert ours == theirs
-
-
 RMS_NORM_CASES = [
     ("shape-mismatch", lambda: (x8(), (5,))),
     ("shape-empty", lambda: (x8(), [])),
@@ -77,10 +69,15 @@ RMS_NORM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", [c[1] for c in RMS_NORM_CASES], ids=[c[0] for c in RMS_NORM_CASES])
-def test_rms_norm_errors_are_torchs(case):
-    ours = _outcome(lambda: layernorm.rms_norm(*case()))
-    theirs = _outcome(lambda: TF.rms_norm(*case()))
+ERROR_CASES = [pytest.param(layernorm.layer_norm, TF.layer_norm, case, id=f"layer_norm-{name}")
+               for name, case in LAYER_NORM_CASES]
+ERROR_CASES += [pytest.param(layernorm.rms_norm, TF.rms_norm, case, id=f"rms_norm-{name}") for name, case in RMS_NORM_CASES]
+
+
+@pytest.mark.parametrize("ours_fn,torch_fn,case", ERROR_CASES)
+def test_errors_are_torchs(ours_fn, torch_fn, case):
+    ours = _outcome(lambda: ours_fn(*case()))
+    theirs = _outcome(lambda: torch_fn(*case()))
     assert theirs[0] is not None, "the case must be an error in torch"
     assert ours == theirs
 

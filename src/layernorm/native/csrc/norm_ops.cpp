@@ -518,92 +518,60 @@ PyObject* handle_override(torch::PythonArgs& r, const char* name, PyObject* args
                                                            "layernorm.functional");
 }
 
-PyObject* py_layer_norm(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
+// One entry point per public op, from one template: (residual?, RMSNorm?) pick the signature and the op.
+template <bool kResidual, bool kRms>
+PyObject* py_norm(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   HANDLE_TH_ERRORS
+  static const char* const names[2][2] = {{"layer_norm", "rms_norm"}, {"add_layer_norm", "add_rms_norm"}};
+  const char* name = names[kResidual][kRms];
   static torch::PythonArgParser parser({
-      "layer_norm(Tensor input, SymIntArrayRef normalized_shape, Tensor? weight=None, Tensor? bias=None, "
-      "double eps=1e-05)",
-  });
-  torch::ParsedArgs<5> parsed;
-  auto r = parser.parse(args, kwargs, parsed);
-  if (r.has_torch_function()) return handle_override(r, "layer_norm", args, kwargs);
-  const auto& op = layer_norm_op();
-  // Every argument is read while the GIL is held; the op runs without it.
-  auto input = r.tensor(0);
-  auto shape = r.symintlist(1);
-  auto weight = r.optionalTensor(2), bias = r.optionalTensor(3);
-  auto eps = r.toDouble(4);
-  return run_without_gil([&] { return op.call(input, shape, weight, bias, eps); });
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* py_rms_norm(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
-  HANDLE_TH_ERRORS
-  static torch::PythonArgParser parser({
-      "rms_norm(Tensor input, SymIntArrayRef normalized_shape, Tensor? weight=None, double? eps=None, *, "
-      "double offset=0.0, bool round_normalized=False)",
-  });
-  torch::ParsedArgs<6> parsed;
-  auto r = parser.parse(args, kwargs, parsed);
-  if (r.has_torch_function()) return handle_override(r, "rms_norm", args, kwargs);
-  const auto& op = rms_norm_op();
-  auto input = r.tensor(0);
-  auto shape = r.symintlist(1);
-  auto weight = r.optionalTensor(2);
-  auto eps = r.toDoubleOptional(3);
-  auto offset = r.toDouble(4);
-  auto round_normalized = r.toBool(5);
-  return run_without_gil([&] { return op.call(input, shape, weight, eps, offset, round_normalized); });
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* py_add_layer_norm(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
-  HANDLE_TH_ERRORS
-  static torch::PythonArgParser parser({
-      "add_layer_norm(Tensor input, Tensor residual, SymIntArrayRef normalized_shape, Tensor? weight=None, "
-      "Tensor? bias=None, double eps=1e-05)",
-  });
-  torch::ParsedArgs<6> parsed;
-  auto r = parser.parse(args, kwargs, parsed);
-  if (r.has_torch_function()) return handle_override(r, "add_layer_norm", args, kwargs);
-  const auto& op = add_layer_norm_op();
-  auto input = r.tensor(0), residual = r.tensor(1);
-  auto shape = r.symintlist(2);
-  auto weight = r.optionalTensor(3), bias = r.optionalTensor(4);
-  auto eps = r.toDouble(5);
-  return run_without_gil([&] { return op.call(input, residual, shape, weight, bias, eps); });
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* py_add_rms_norm(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
-  HANDLE_TH_ERRORS
-  static torch::PythonArgParser parser({
-      "add_rms_norm(Tensor input, Tensor residual, SymIntArrayRef normalized_shape, Tensor? weight=None, "
-      "double? eps=None, *, double offset=0.0, bool round_normalized=False)",
+      std::string(name) + "(Tensor input, " + (kResidual ? "Tensor residual, " : "") +
+      "SymIntArrayRef normalized_shape, Tensor? weight=None, " +
+      (kRms ? "double? eps=None, *, double offset=0.0, bool round_normalized=False)"
+            : "Tensor? bias=None, double eps=1e-05)"),
   });
   torch::ParsedArgs<7> parsed;
   auto r = parser.parse(args, kwargs, parsed);
-  if (r.has_torch_function()) return handle_override(r, "add_rms_norm", args, kwargs);
-  const auto& op = add_rms_norm_op();
-  auto input = r.tensor(0), residual = r.tensor(1);
-  auto shape = r.symintlist(2);
-  auto weight = r.optionalTensor(3);
-  auto eps = r.toDoubleOptional(4);
-  auto offset = r.toDouble(5);
-  auto round_normalized = r.toBool(6);
-  return run_without_gil([&] { return op.call(input, residual, shape, weight, eps, offset, round_normalized); });
+  if (r.has_torch_function()) return handle_override(r, name, args, kwargs);
+  // Every argument is read while the GIL is held; the op runs without it.
+  int i = 0;
+  const Tensor input = r.tensor(i++);
+  const Tensor residual = kResidual ? r.tensor(i++) : Tensor();
+  const auto shape = r.symintlist(i++);
+  const OptTensor weight = r.optionalTensor(i++);
+  if constexpr (kRms) {
+    const auto eps = r.toDoubleOptional(i++);
+    const double offset = r.toDouble(i++);
+    const bool round_normalized = r.toBool(i++);
+    if constexpr (kResidual) {
+      return run_without_gil(
+          [&] { return add_rms_norm_op().call(input, residual, shape, weight, eps, offset, round_normalized); });
+    } else {
+      return run_without_gil([&] { return rms_norm_op().call(input, shape, weight, eps, offset, round_normalized); });
+    }
+  } else {
+    const OptTensor bias = r.optionalTensor(i++);
+    const double eps = r.toDouble(i++);
+    if constexpr (kResidual) {
+      return run_without_gil([&] { return add_layer_norm_op().call(input, residual, shape, weight, bias, eps); });
+    } else {
+      return run_without_gil([&] { return layer_norm_op().call(input, shape, weight, bias, eps); });
+    }
+  }
   END_HANDLE_TH_ERRORS
 }
 
+template <bool kResidual, bool kRms>
+PyCFunction entry() {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_norm<kResidual, kRms>));
+}
+
 PyMethodDef norm_methods[] = {
-    {"layer_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_layer_norm)),
-     METH_VARARGS | METH_KEYWORDS, "layernorm::layer_norm through the dispatcher"},
-    {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_rms_norm)),
-     METH_VARARGS | METH_KEYWORDS, "layernorm::rms_norm through the dispatcher"},
-    {"add_layer_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_add_layer_norm)),
-     METH_VARARGS | METH_KEYWORDS, "layernorm::add_layer_norm through the dispatcher"},
-    {"add_rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_add_rms_norm)),
-     METH_VARARGS | METH_KEYWORDS, "layernorm::add_rms_norm through the dispatcher"},
+    {"layer_norm", entry<false, false>(), METH_VARARGS | METH_KEYWORDS, "layernorm::layer_norm through the dispatcher"},
+    {"rms_norm", entry<false, true>(), METH_VARARGS | METH_KEYWORDS, "layernorm::rms_norm through the dispatcher"},
+    {"add_layer_norm", entry<true, false>(), METH_VARARGS | METH_KEYWORDS,
+     "layernorm::add_layer_norm through the dispatcher"},
+    {"add_rms_norm", entry<true, true>(), METH_VARARGS | METH_KEYWORDS, "layernorm::add_rms_norm through the dispatcher"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
