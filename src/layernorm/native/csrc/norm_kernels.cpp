@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -366,11 +367,14 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor&
     chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
   }
   const int64_t width = N * (int64_t(want_dw) + int64_t(want_db));
-  std::vector<A> partial(static_cast<size_t>(chunks * width), A(0));
+  // Uninitialised: each chunk zeroes its own partial rows, in parallel, where it will use them.
+  std::unique_ptr<A[]> partial(new A[static_cast<size_t>(chunks * width)]);
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
     for (int64_t c = cbegin; c < cend; ++c) {
-      A* dw_acc = want_dw ? partial.data() + c * width : nullptr;
-      A* db_acc = want_db ? partial.data() + c * width + (want_dw ? N : 0) : nullptr;
+      A* chunk_partial = partial.get() + c * width;
+      std::fill(chunk_partial, chunk_partial + width, A(0));
+      A* dw_acc = want_dw ? chunk_partial : nullptr;
+      A* db_acc = want_db ? chunk_partial + (want_dw ? N : 0) : nullptr;
       const int64_t end = std::min(M, (c + 1) * rows_per_chunk);
       for (int64_t i = c * rows_per_chunk; i < end; ++i) {
         const int64_t off = i * N;
@@ -379,22 +383,22 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor&
       }
     }
   });
-  // Sum the partial rows in chunk order, per column.
-  std::vector<A> total(static_cast<size_t>(width), A(0));
-  at::parallel_for(0, width, kParallelGrainElements / 8, [&](int64_t begin, int64_t end) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      const A* row = partial.data() + c * width;
-      for (int64_t j = begin; j < end; ++j) total[j] += row[j];
-    }
-  });
-  auto write = [&](at::Tensor& out, const A* src) {
+  // Per column, the partial rows summed in chunk order, written in the parameter's dtype.
+  auto reduce_into = [&](at::Tensor& out, int64_t column_offset) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "layernorm_param_grad", [&] {
       scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      for (int64_t j = 0; j < N; ++j) o[j] = static_cast<scalar_t>(src[j]);
+      at::parallel_for(0, N, kParallelGrainElements / 8, [&](int64_t begin, int64_t end) {
+        std::vector<A> total(partial.get() + column_offset + begin, partial.get() + column_offset + end);
+        for (int64_t c = 1; c < chunks; ++c) {  // row by row: contiguous, vectorized
+          const A* row = partial.get() + c * width + column_offset;
+          for (int64_t j = begin; j < end; ++j) total[j - begin] += row[j];
+        }
+        for (int64_t j = begin; j < end; ++j) o[j] = static_cast<scalar_t>(total[j - begin]);
+      });
     });
   };
-  if (want_dw) write(dw, total.data());
-  if (want_db) write(db, total.data() + (want_dw ? N : 0));
+  if (want_dw) reduce_into(dw, 0);
+  if (want_db) reduce_into(db, want_dw ? N : 0);
 }
 
 }  // namespace
