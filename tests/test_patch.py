@@ -278,6 +278,13 @@ class AlmostLlamaRMSNorm(CopiedLlamaRMSNorm):
         return self.weight * hidden_states.to(input_dtype)
 
 
+def test_keyword_input_is_accepted_as_by_the_original():
+    m = CopiedLlamaRMSNorm(8)
+    _quiet_patch(m)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(m(hidden_states=x), m(x), rtol=0, atol=0)
+
+
 def test_source_rule_takes_exact_copies_only():
     assert registry.recipe_for_source(CopiedLlamaRMSNorm).key == "llama"
     assert registry.recipe_for_source(AlmostLlamaRMSNorm) is None

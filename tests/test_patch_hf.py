@@ -299,6 +299,22 @@ def test_fused_layer_calls_the_fused_op_and_falls_back_when_the_norm_has_hooks(m
     assert seen == [1] and len(calls) == len(model.model.layers) - 1  # the hooked norm saw its call
 
 
+def test_fused_layers_with_gradient_checkpointing():
+    ref, model, _ = _pair("llama", fuse_residual=True)
+    inputs = model_inputs("llama", ref, "tiny")
+    for m in (ref, model):
+        m.gradient_checkpointing_enable()
+    assert_close(_train(model, inputs)[0], _train(ref, inputs)[0], "bwd")
+
+
+@pytest.mark.slow
+def test_fused_model_under_torch_compile():
+    ref, model, _ = _pair("llama", fuse_residual=True)
+    inputs = model_inputs("llama", ref, "tiny")
+    rtol, atol = MODEL_LOGITS_FP32
+    torch.testing.assert_close(_logits(torch.compile(model), inputs), _logits(ref, inputs), rtol=rtol, atol=atol)
+
+
 def test_layers_of_another_layout_are_not_fused():
     _, model, report = _pair("phi3", fuse_residual=True)
     assert not report.fused and not report.not_fused  # Phi-3's layer has dropout: another layout

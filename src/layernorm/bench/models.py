@@ -15,8 +15,17 @@ each patched copy from the unpatched model on the same input (before any trainin
 Sizes: ``tiny`` (hidden 32, 2 layers, batch 2 x 16 tokens: per-call overheads dominate) and
 ``small`` (hidden 256, 2 layers, intermediate 688, batch 4 x 128 tokens).
 
+:func:`fused_step` times the one step ``fuse_residual`` changes, alone: ``s = residual + h;
+rms_norm(s)`` against ``add_rms_norm(h, residual)`` (Llama casting), with ``F.rms_norm`` for scale.
+
+:func:`agreement` measures no time: per family, how closely the patched model follows the unpatched
+one (float32 and bfloat16 logits, 5 AdamW steps, state_dict round trip), written to
+``models-agreement-<device>.json``.
+
 Use :func:`run` from Python (the CLI wiring is ``layernorm bench --models``) or
-``python -m layernorm.bench.models --families llama,gpt2 --size small``.
+``python -m layernorm.bench.models --families llama,gpt2 --size small``. On CPU run it with the malloc
+settings of ``layernorm.bench._malloc`` in the environment (recorded in the JSON), or large per-call
+allocations time page faults: ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296``.
 """
 from __future__ import annotations
 
@@ -34,8 +43,10 @@ import torch
 from torch import nn
 
 from ._machine import describe_machine
+from ._malloc import malloc_state
 
-__all__ = ["FAMILIES", "SIZES", "build_model", "model_inputs", "perturb_norms", "run", "main"]
+__all__ = ["FAMILIES", "SIZES", "build_model", "model_inputs", "perturb_norms", "run", "agreement", "fused_step",
+           "main"]
 
 # hidden, layers, heads, kv heads, intermediate, vocab, batch, seq
 SIZES: Dict[str, dict] = {
@@ -122,6 +133,14 @@ FAMILIES: Dict[str, Callable[[dict], tuple]] = {
     "falcon": _falcon,
     "phi": _phi,
 }
+
+
+def _transformers_version() -> Optional[str]:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
 
 
 def _no_dropout(kw: dict) -> dict:
@@ -290,8 +309,10 @@ def run(families: Sequence[str] = ("llama", "qwen3", "gemma", "gpt2"), *, size: 
             "reps": reps,
             "statistic": "median, quartiles, min (ms); ratio = median / unpatched median",
         },
+        "transformers": _transformers_version(),
         "logits_max_abs_diff": agreement,
         "results": rows,
+        "malloc": malloc_state(dev),
         "machine": describe_machine(),
     }
     if out_dir is not None:
@@ -302,6 +323,124 @@ def run(families: Sequence[str] = ("llama", "qwen3", "gemma", "gpt2"), *, size: 
             json.dump(result, f, indent=2)
         result["path"] = path
     return result
+
+
+def fused_step(shapes: Sequence[tuple] = ((512, 256), (4096, 1024)),
+               dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16), *, reps: int = 100,
+               warmup: int = 5, out_dir: Optional[str] = os.path.join("benchmarks", "results")) -> dict:
+    """The post-attention step of a Llama layer, unfused and fused, on (rows, hidden) inputs."""
+    from .. import add_rms_norm, rms_norm
+
+    rows = []
+    for dtype in dtypes:
+        for M, N in shapes:
+            gen = torch.Generator().manual_seed(0)
+            h, r = (torch.randn(M, N, generator=gen).to(dtype) for _ in range(2))
+            w = (1 + 0.1 * torch.randn(N, generator=gen)).to(dtype)
+
+            def unfused():
+                total = r + h
+                return rms_norm(total, (N,), w, 1e-6, casting_mode="llama"), total
+
+            def fused():
+                return add_rms_norm(h, r, (N,), w, 1e-6, casting_mode="llama")
+
+            def torch_unfused():
+                total = r + h
+                return torch.nn.functional.rms_norm(total, (N,), w, 1e-6), total
+
+            samples = _samples({"add + rms_norm": unfused, "add_rms_norm": fused, "add + F.rms_norm": torch_unfused},
+                               reps, warmup, lambda: None)
+            for name, ms in samples.items():
+                rows.append({"dtype": str(dtype).replace("torch.", ""), "rows": M, "hidden": N, "provider": name,
+                             **_stats(ms)})
+    result = {"benchmark": "models-fused-step", "results": rows, "malloc": malloc_state("cpu"),
+              "machine": describe_machine()}
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "models-fused-step-cpu.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        result["path"] = path
+    return result
+
+
+def _adamw_losses(model: nn.Module, inputs: dict, steps: int) -> List[float]:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    model.eval()
+    return out
+
+
+def agreement(families: Sequence[str] = tuple(FAMILIES), *, size: str = "tiny", steps: int = 5,
+              fuse_residual: bool = False, out_dir: Optional[str] = os.path.join("benchmarks", "results")) -> dict:
+    """Per family: what was swapped, and the largest differences of the patched model from the
+    unpatched one: float32 logits; bfloat16 logits, next to the unpatched bfloat16 model's own
+    distance from float32 (flash-attn's rule compares the two); ``steps`` AdamW losses (largest
+    relative difference); and whether state_dict round trips both ways give identical logits."""
+    import layernorm
+
+    rows = {}
+    for family in families:
+        ref = perturb_norms(build_model(family, size), seed=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, report = layernorm.patch(copy.deepcopy(ref), fuse_residual=fuse_residual, return_report=True)
+        inputs = model_inputs(family, ref, size)
+        with torch.no_grad():
+            fp32 = float((model(**inputs).logits - ref(**inputs).logits).abs().max())
+            ref16, model16 = copy.deepcopy(ref).bfloat16(), copy.deepcopy(model).bfloat16()
+            exact = copy.deepcopy(ref16).float()(**inputs).logits
+            theirs16, ours16 = ref16(**inputs).logits.float(), model16(**inputs).logits.float()
+        fresh = build_model(family, size, seed=5)
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        back = copy.deepcopy(model)
+        back.load_state_dict(ref.state_dict(), strict=True)
+        with torch.no_grad():
+            round_trip = bool(torch.equal(fresh(**inputs).logits, ref(**inputs).logits)) and \
+                bool(torch.equal(back(**inputs).logits, model(**inputs).logits))
+        losses_ref = _adamw_losses(copy.deepcopy(ref), inputs, steps)
+        losses = _adamw_losses(copy.deepcopy(model), inputs, steps)
+        rows[family] = {
+            "swapped": len(report.swapped), "left": len(report.left), "fused": len(report.fused),
+            "classes": sorted({e.cls.rsplit(".", 1)[-1] for e in report.swapped}),
+            "mapping": sorted({e.mapping for e in report.swapped}),
+            "logits_fp32_max_abs_diff": fp32,
+            "logits_bf16_patched_vs_unpatched_max_abs_diff": float((ours16 - theirs16).abs().max()),
+            "logits_bf16_patched_err_vs_fp32": float((ours16 - exact).abs().max()),
+            "logits_bf16_unpatched_err_vs_fp32": float((theirs16 - exact).abs().max()),
+            "adamw_losses_unpatched": losses_ref,
+            "adamw_losses_max_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(losses, losses_ref)),
+            "state_dict_round_trip_identical": round_trip,
+        }
+    result = {"benchmark": "models-agreement", "transformers": _transformers_version(), "size": size, "steps": steps, "fuse_residual": fuse_residual,
+              "families": rows, "machine": describe_machine()}
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"models-agreement-cpu{'-fused' if fuse_residual else ''}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        result["path"] = path
+    return result
+
+
+def _print_agreement(result: dict) -> None:
+    print(f"{'family':9} {'swapped':>7} {'fp32 logits':>11} {'bf16 vs unp.':>12} {'bf16 err ours/theirs':>21} "
+          f"{'loss rel':>9} {'sd':>3}")
+    for fam, r in result["families"].items():
+        print(f"{fam:9} {r['swapped']:7d} {r['logits_fp32_max_abs_diff']:11.2e} "
+              f"{r['logits_bf16_patched_vs_unpatched_max_abs_diff']:12.2e} "
+              f"{r['logits_bf16_patched_err_vs_fp32']:10.2e}/{r['logits_bf16_unpatched_err_vs_fp32']:.2e} "
+              f"{r['adamw_losses_max_rel_diff']:9.1e} {'ok' if r['state_dict_round_trip_identical'] else 'NO':>3}")
+    if "path" in result:
+        print(f"written: {result['path']}")
 
 
 def _print(result: dict) -> None:
@@ -319,7 +458,8 @@ def _print(result: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m layernorm.bench.models", description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", default="llama,qwen3,gemma,gpt2", help="comma-separated, from: " + ",".join(FAMILIES))
+    p.add_argument("--families", default="llama,qwen3,gemma,gpt2",
+                   help="comma-separated, or all; from: " + ",".join(FAMILIES))
     p.add_argument("--size", default="small", choices=sorted(SIZES))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -330,8 +470,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-fuse", action="store_true", help="skip the patched+fused provider")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--tag", default="")
+    p.add_argument("--agreement", action="store_true", help="measure agreement (no timing) instead")
+    p.add_argument("--fused-step", action="store_true", help="time the fused residual step alone instead")
     a = p.parse_args(argv)
-    result = run([f for f in a.families.split(",") if f], size=a.size, dtype=getattr(torch, a.dtype),
+    if a.fused_step:
+        result = fused_step(dtypes=[getattr(torch, d) for d in ("float32", "bfloat16")], reps=a.reps,
+                            out_dir=a.out or None)
+        for r in result["results"]:
+            print(f"{r['dtype']:9} {r['rows']:5d}x{r['hidden']:<5d} {r['provider']:17} {r['median_ms']:9.4f} ms "
+                  f"(p25 {r['p25_ms']:.4f}, p75 {r['p75_ms']:.4f})")
+        return 0
+    if a.agreement:
+        families = list(FAMILIES) if a.families == "all" else [f for f in a.families.split(",") if f]
+        _print_agreement(agreement(families, size=a.size, fuse_residual=not a.no_fuse, out_dir=a.out or None))
+        return 0
+    families = list(FAMILIES) if a.families == "all" else [f for f in a.families.split(",") if f]
+    result = run(families, size=a.size, dtype=getattr(torch, a.dtype),
                  device=a.device, backend=a.backend, steps=a.steps.split(","), reps=a.reps, warmup=a.warmup,
                  fuse_residual=not a.no_fuse, out_dir=a.out or None, tag=a.tag)
     _print(result)

@@ -96,8 +96,9 @@ def _single_input(module: nn.Module, args, kwargs) -> Tensor:
     """The one tensor the original forward takes, however it was passed."""
     if len(args) == 1 and not kwargs:
         return args[0]
-    bound = inspect.signature(module._layernorm_original_forward).bind(*args, **kwargs)
-    (value,) = bound.arguments.values()
+    original = type(module)._layernorm_factory[1]
+    bound = inspect.signature(original.forward).bind(module, *args, **kwargs)
+    _, value = bound.arguments.values()  # (self, the input)
     return value
 
 
