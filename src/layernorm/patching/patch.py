@@ -29,13 +29,22 @@ def _backend_attribute(module: nn.Module) -> str:
     return "backend" if isinstance(module, _OURS) else "_layernorm_backend"
 
 
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _verification_key(module: nn.Module, new_cls: type, attributes: dict):
     """Everything a probe result depends on: the classes, the parameters' shapes/dtypes/device and the
     module's plain attributes (eps, normalized_shape, ...). Equal keys, equal verdicts."""
     params = tuple((n, tuple(p.shape), p.dtype, p.device.type) if p is not None else (n, None)
                    for n, p in module._parameters.items())
     plain = tuple(sorted((k, v) for k, v in module.__dict__.items()
-                         if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))))
+                         if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
+                         and _hashable(v)))
     return type(module), new_cls, params, plain, tuple(sorted(attributes.items()))
 
 
