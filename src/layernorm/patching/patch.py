@@ -5,6 +5,7 @@ import logging
 import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
 from ..backends import BACKENDS
@@ -132,7 +133,9 @@ def patch(
         factory, new_cls, attributes, mapping = _plan(module, match, backend)
         key = _verification_key(module, new_cls, attributes)
         if key not in verdicts:
-            verdicts[key] = verify.verify_swap(module, new_cls, attributes)
+            # the Hugging Face formulas compute in float32 whatever the input (x.float())
+            computes_in = torch.float32 if match.recipe is not None else None
+            verdicts[key] = verify.verify_swap(module, new_cls, attributes, computes_in)
         verdict = verdicts[key]
         entry = PatchEntry(name, cls_name, SWAPPED if verdict.ok else LEFT, rule=match.rule, mapping=mapping,
                            max_error=dict(verdict.max_error), notes=list(verdict.notes))
