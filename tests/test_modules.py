@@ -1,13 +1,12 @@
-"""LayerNorm / RMSNorm modules as drop-in replacements of torch.nn's, and patch(model)."""
+"""LayerNorm / RMSNorm modules as drop-in replacements of torch.nn's (patch(model): test_patch.py)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from torch import nn
 
-from layernorm import LayerNorm, RMSNorm, patch
+from layernorm import LayerNorm, RMSNorm
 
 from tolerances import assert_close
 
@@ -70,78 +69,6 @@ def test_factory_kwargs(cls, dtype):
     assert y.dtype == dtype
     meta = cls(8, device="meta")
     assert meta.weight.device.type == "meta"
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.rms = nn.RMSNorm(d, eps=1e-6)
-        self.proj = nn.Linear(d, d)
-        self.shared = self.norm  # the same module under two names
-
-    def forward(self, x):
-        return self.rms(self.proj(self.norm(x))) + self.shared(x)
-
-
-def _model(d=16):
-    torch.manual_seed(1)
-    m = nn.Sequential(
-        nn.TransformerEncoderLayer(d, 2, dim_feedforward=32, dropout=0.0, batch_first=True, norm_first=True),
-        Block(d),
-        nn.Sequential(nn.LayerNorm(d, bias=False), nn.GELU()),
-        nn.RMSNorm(d),
-    )
-    for mod in m.modules():
-        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) and mod.weight is not None:
-            with torch.no_grad():
-                mod.weight.add_(0.1 * torch.randn_like(mod.weight))
-    return m.train()
-
-
-def test_patch_keeps_parameters_and_outputs(backend):
-    model = _model()
-    reference = copy.deepcopy(model)
-    params_before = {n: p for n, p in model.named_parameters()}
-    norms_before = sum(isinstance(m, (nn.LayerNorm, nn.RMSNorm)) for m in model.modules())
-    x = torch.randn(3, 5, 16)
-    assert patch(model, backend=backend) is model
-    norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
-    assert len(norms) == norms_before
-    assert all(isinstance(m, (LayerNorm, RMSNorm)) and m.backend == backend for m in norms)
-    assert all(isinstance(m, nn.LayerNorm) for m in norms if isinstance(m, LayerNorm))
-    assert model[1].norm is model[1].shared, "a shared norm must stay shared"
-    params_after = dict(model.named_parameters())
-    assert params_after.keys() == params_before.keys()
-    for n, p in params_after.items():
-        assert p is params_before[n], n  # same objects: optimizers keep working
-    assert model.training and model[0].norm1.training
-    y, y_ref = model(x), reference(x)
-    assert_close(y, y_ref, "bwd")  # several norms and matmuls deep: gradient-level tolerance
-    y.sum().backward()
-    y_ref.sum().backward()
-    for (n, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-        assert_close(p.grad, p_ref.grad, "bwd", msg=lambda m, n=n: f"{n}: {m}")
-
-
-def test_patch_keeps_dtype_and_device_and_state_dict():
-    model = _model().to(torch.float64)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    patch(model)
-    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in model.parameters())
-    assert model.state_dict().keys() == sd.keys()
-    fresh = _model().to(torch.float64)
-    fresh.load_state_dict(model.state_dict(), strict=True)
-
-
-def test_patch_a_norm_itself_and_idempotent():
-    norm = nn.LayerNorm(8)
-    w = norm.weight
-    new = patch(norm, backend="reference")
-    assert isinstance(new, LayerNorm) and new.weight is w
-    again = patch(new, backend="torch")
-    assert again is new and new.backend == "torch"
-    assert patch(nn.Linear(3, 3)).__class__ is nn.Linear
 
 
 def test_module_backend_env(monkeypatch):

@@ -1,7 +1,7 @@
 """Modules: drop-in norm layers and layer-normalized recurrent layers."""
-from .normalization import LayerNorm, RMSNorm, patch
+from .normalization import LayerNorm, RMSNorm
 
-__all__ = ["LayerNorm", "RMSNorm", "patch"]
+__all__ = ["LayerNorm", "RMSNorm"]
 
 try:  # recurrent layers (issue 5)
     from .rnn import (  # noqa: F401

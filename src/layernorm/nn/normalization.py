@@ -1,4 +1,4 @@
-"""Drop-in modules: :class:`LayerNorm` and :class:`RMSNorm`, plus :func:`patch`.
+"""Drop-in modules: :class:`LayerNorm` and :class:`RMSNorm` (:func:`layernorm.patch` swaps them into models).
 
 They subclass ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` so the constructor arguments, parameter
 names and ``state_dict`` keys are torch's own: checkpoints load both ways, and ``isinstance`` checks in
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..backends import BACKENDS
 
-__all__ = ["LayerNorm", "RMSNorm", "patch"]
+__all__ = ["LayerNorm", "RMSNorm"]
 
 
 def _check_backend_name(backend: Optional[str]) -> Optional[str]:
@@ -122,50 +122,3 @@ class RMSNorm(nn.RMSNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend or 'auto'}"
-
-
-def _convert(module: nn.Module, backend: Optional[str]) -> Optional[nn.Module]:
-    if isinstance(module, (LayerNorm, RMSNorm)):
-        if backend is not None:
-            module.backend = backend
-        return None
-    if isinstance(module, nn.LayerNorm):
-        new = LayerNorm.__new__(LayerNorm)
-    elif isinstance(module, nn.RMSNorm):
-        new = RMSNorm.__new__(RMSNorm)
-    else:
-        return None
-    # Take over the instance state (parameters, buffers, hooks, training flag) without copying:
-    # weights, device and dtype stay exactly as they were, and optimizers keep their references.
-    new.__dict__.update(module.__dict__)
-    new.backend = backend
-    return new
-
-
-def patch(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Replace every ``nn.LayerNorm`` / ``nn.RMSNorm`` inside ``model`` with ours, in place.
-
-    Parameters are kept as the same tensor objects (device, dtype and optimizer state untouched).
-    Returns ``model`` (or the replacement, when ``model`` itself is a norm layer).
-
-    Example::
-
-        >>> model = nn.TransformerEncoderLayer(256, 4)
-        >>> patch(model)  # its norm1/norm2 now run layernorm's kernels
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
-    _check_backend_name(backend)
-    top = _convert(model, backend)
-    if top is not None:
-        return top
-    replaced = {}  # a norm shared by several parents is replaced by one shared module
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            if id(child) not in replaced:
-                replaced[id(child)] = _convert(child, backend)
-            if replaced[id(child)] is not None:
-                parent._modules[name] = replaced[id(child)]
-    return model
