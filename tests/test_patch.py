@@ -238,9 +238,6 @@ def test_meta_parameters_are_verified_on_cpu():
     assert any("meta" in note for note in report.swapped[0].notes)
 
 
-@pytest.mark.xfail(strict=True, reason="core: rms_norm(eps=None) uses finfo(input dtype).eps (7.8e-3 for bfloat16); "
-                   "torch uses the op-math dtype's (float32's 1.2e-7). patch's bfloat16 probe catches it and "
-                   "leaves nn.RMSNorm(eps=None) as it is. Passes once functional.py is fixed.")
 def test_rms_norm_default_eps_is_swapped():
     norm = nn.RMSNorm(8)
     _, report = patch(norm, return_report=True)

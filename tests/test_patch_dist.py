@@ -45,22 +45,10 @@ def _storage_frozen_by(backend) -> bool:
     return False
 
 
-class StorageNotResizable(AssertionError):
-    """The FSDP2 reshard failure that waits on the core (and only that one is an expected failure)."""
-
-
-_AUTO_FROZEN = _storage_frozen_by(None)
-_CORE_REASON = ("core: the cpu backend (backends/cpu.py) passes tensors to numba via Tensor.numpy(), which marks "
-                "their storage non-resizable; FSDP2's reshard then fails. Passes once the core no longer does.")
-
-
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=[pytest.mark.xfail(reason=_CORE_REASON, strict=True)] if b == "cpu" else [])
-    for b in layernorm.available_backends("cpu") if b != "triton"
-])
+@pytest.mark.parametrize("backend", [b for b in layernorm.available_backends("cpu") if b != "triton"])
 def test_ops_leave_storage_resizable(backend):
-    # the minimal reproduction of the FSDP2 failure (strict xfail for the cpu backend: once the core
-    # is fixed it passes, strict turns that into a failure, and the marker goes)
+    # the minimal reproduction of the FSDP2 reshard failure the numba backend caused (Tensor.numpy()
+    # made parameter storage non-resizable): every backend must leave storages as torch does
     assert not _storage_frozen_by(backend)
 
 
@@ -79,8 +67,6 @@ def _spawn(mode, model_name, backend, tmp_path, fuse=False):
 
 
 def _check(result, model_name, backend, fuse=False):
-    if "not resizable" in result.get("error", ""):
-        raise StorageNotResizable(result["error"])
     assert "error" not in result, result["error"]
     expected = worker.train_single(model_name, "unpatched")
     single_patched = worker.train_single(model_name, backend, fuse)
@@ -94,11 +80,7 @@ def test_ddp_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "llama"])
-@pytest.mark.parametrize("backend", [
-    "torch",
-    pytest.param("auto", marks=pytest.mark.xfail(_AUTO_FROZEN, reason=_CORE_REASON, strict=True,
-                                                 raises=StorageNotResizable)),
-])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_fsdp2_two_processes(model_name, backend, tmp_path):
     _check(_spawn("fsdp2", model_name, backend, tmp_path), model_name, backend)
 

@@ -96,3 +96,12 @@ def assert_flash_rule(
 # few 1e-7 (measured: docs/patch.md), so 2e-5 leaves a margin of ~100x without hiding a wrong formula
 # (a missing "1 +" or a wrong eps moves logits by 1e-2 or more).
 MODEL_LOGITS_FP32: Tuple[float, float] = (0.0, 2e-5)
+
+# Whole models, training: the losses of 5 AdamW steps (lr 1e-2) of a patched tiny model against the same
+# model unpatched, float32, (rtol, atol). Adam's first update is lr * g / (|g| + eps): gradient entries
+# at the level of float32 rounding noise move their parameter by up to lr in one run and not the other,
+# and later steps amplify that. Measured on qwen3-tiny with the test's inputs: torch's own float32 run
+# ends 2.7e-5 from a float64 run, ours 1.2e-4 (2.5e-5 relative); on three other input draws both stay
+# below 5e-6, and first-step gradients agree to 5e-7 of their largest entry in every case. A wrong
+# formula moves the first loss already (the logits check above), so the trajectory check is loose.
+TRAINING_LOSSES_FP32: Tuple[float, float] = (1e-4, 1e-4)

@@ -6,6 +6,7 @@
     layernorm build [--force]        build the C++ extension for this environment now
     layernorm bench [...]            LayerNorm/RMSNorm providers vs a copy baseline (see --help)
     layernorm bench --rnn [...]      the layer-normalized LSTM/GRU benchmark
+    layernorm bench --models [...]   Hugging Face model families, patched vs unpatched
     layernorm bench --tune [...]     tune the Triton backend's launch table on this GPU
     layernorm lab [...]              experiments that test claims about normalization
 
@@ -26,6 +27,7 @@ _USAGE = """usage: layernorm {info,build,bench,lab} [...]
   build [--force]      build the C++ extension for this environment now (otherwise: on first import)
   bench [...]          norm-op benchmark (layernorm bench --help)
   bench --rnn [...]    recurrent-layer benchmark (layernorm bench --rnn --help)
+  bench --models [...] Hugging Face families patched vs not (layernorm bench --models --help)
   bench --tune [...]   tune the Triton launch table on this GPU (layernorm bench --tune --help)
   lab [...]            experiments (layernorm lab --help)
   --version            print the version
@@ -168,6 +170,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if "--tune" in rest:
                 fn = _import_main("layernorm.bench.tune", "the Triton launch-table tuner (layernorm.bench.tune)")
                 return 2 if fn is None else int(fn([a for a in rest if a != "--tune"]) or 0)
+            if "--models" in rest:
+                rest = [a for a in rest if a != "--models"]
+                fn = _import_main("layernorm.bench.models", "the model benchmark (layernorm.bench.models)")
+                if fn is None:
+                    return 2
+                if from_command_line:
+                    from layernorm.bench._malloc import maybe_reexec
+
+                    maybe_reexec(["bench", "--models", *rest], None, "--no-reexec" in rest)
+                return int(fn([a for a in rest if a != "--no-reexec"]) or 0)
             if "--rnn" in rest:
                 rest = [a for a in rest if a != "--rnn"]
                 fn = _import_main("layernorm.bench.rnn", "the RNN benchmark (layernorm.bench.rnn)")

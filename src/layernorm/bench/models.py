@@ -457,7 +457,7 @@ def _print(result: dict) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m layernorm.bench.models", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="layernorm bench --models", description=__doc__.split("\n\n")[0])
     p.add_argument("--families", default="llama,qwen3,gemma,gpt2",
                    help="comma-separated, or all; from: " + ",".join(FAMILIES))
     p.add_argument("--size", default="small", choices=sorted(SIZES))

@@ -276,6 +276,50 @@ void backward_row(const T* dy, const T* dz, const T* h, T* dx, int64_t n, const 
   }
 }
 
+// Sums of many rows, the way torch sums (cascade summation): rows are added into level 0; every
+// kFanIn rows level 0 is added into level 1 and cleared, and so on up. The rounding error then grows with
+// kFanIn * log(rows) instead of with the number of rows, and the order depends only on the row count.
+template <typename A>
+class CascadeRows {
+ public:
+  static constexpr int kFanIn = 16;
+  static constexpr int kLevels = 6;  // 16^6 rows before the last level takes every row
+
+  explicit CascadeRows(int64_t width) : width_(width), sums_(static_cast<size_t>(width * kLevels), A(0)) {}
+
+  A* first() { return sums_.data(); }
+
+  void row_added() {
+    for (int level = 0; level < kLevels - 1 && ++counts_[level] == kFanIn; ++level) {
+      counts_[level] = 0;
+      A* from = sums_.data() + level * width_;
+      A* to = from + width_;
+      for (int64_t j = 0; j < width_; ++j) {
+        to[j] += from[j];
+        from[j] = A(0);
+      }
+    }
+  }
+
+  // The total into out (from the top level down), and everything cleared for the next chunk.
+  void finish(A* out) {
+    std::fill(out, out + width_, A(0));
+    for (int level = kLevels - 1; level >= 0; --level) {
+      A* from = sums_.data() + level * width_;
+      for (int64_t j = 0; j < width_; ++j) {
+        out[j] += from[j];
+        from[j] = A(0);
+      }
+      counts_[level] = 0;
+    }
+  }
+
+ private:
+  int64_t width_;
+  std::vector<A> sums_;
+  int counts_[kLevels] = {};
+};
+
 // The weight as the accumulation type with the offset added (Gemma's 1 + w), or a null tensor when
 // the kernels can read the weight as it is.
 template <typename A>
@@ -367,20 +411,21 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor&
     chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
   }
   const int64_t width = N * (int64_t(want_dw) + int64_t(want_db));
-  // Uninitialised: each chunk zeroes its own partial rows, in parallel, where it will use them.
+  // Uninitialised: each chunk writes its own partial rows, in parallel.
   std::unique_ptr<A[]> partial(new A[static_cast<size_t>(chunks * width)]);
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    CascadeRows<A> cascade(width);
     for (int64_t c = cbegin; c < cend; ++c) {
-      A* chunk_partial = partial.get() + c * width;
-      std::fill(chunk_partial, chunk_partial + width, A(0));
-      A* dw_acc = want_dw ? chunk_partial : nullptr;
-      A* db_acc = want_db ? chunk_partial + (want_dw ? N : 0) : nullptr;
+      A* dw_acc = want_dw ? cascade.first() : nullptr;
+      A* db_acc = want_db ? cascade.first() + (want_dw ? N : 0) : nullptr;
       const int64_t end = std::min(M, (c + 1) * rows_per_chunk);
       for (int64_t i = c * rows_per_chunk; i < end; ++i) {
         const int64_t off = i * N;
         backward_row<T, kRms>(dyp + off, dzp ? dzp + off : nullptr, hp + off, dxp ? dxp + off : nullptr, N,
                               wp, kRms ? A(0) : mp[i], sp[i], round_normalized, dw_acc, db_acc);
+        cascade.row_added();
       }
+      cascade.finish(partial.get() + c * width);
     }
   });
   // Per column, the partial rows summed in chunk order, written in the parameter's dtype.
