@@ -320,29 +320,36 @@ class CascadeRows {
   int counts_[kLevels] = {};
 };
 
-// The weight as the accumulation type with the offset added (Gemma's 1 + w), or a null tensor when
-// the kernels can read the weight as it is.
+// A weight or bias as the kernels read it: accumulation-type values with RMSNorm's offset added
+// (Gemma's 1 + w, in float32 as Gemma computes it). The parameter's own memory when it already is that,
+// else a converted copy in a plain buffer (no tensor ops: for an inference-sized call, two dispatched
+// conversions cost more than the normalization).
 template <typename A>
-at::Tensor effective_weight(const std::optional<at::Tensor>& weight, double offset) {
-  if (!weight.has_value() || !weight->defined()) return at::Tensor();
-  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
-  if (weight->scalar_type() == acc && offset == 0.0) return weight->contiguous();
-  at::Tensor w = weight->to(acc).contiguous();
-  if (offset != 0.0) w = w.add(offset);
-  return w;
-}
+class ParamValues {
+ public:
+  ParamValues(const std::optional<at::Tensor>& param, double offset) {
+    if (!param.has_value() || !param->defined()) return;
+    contiguous_ = param->contiguous();
+    if (contiguous_.scalar_type() == c10::CppTypeToScalarType<A>::value && offset == 0.0) {
+      data_ = contiguous_.const_data_ptr<A>();
+      return;
+    }
+    const int64_t n = contiguous_.numel();
+    converted_.resize(static_cast<size_t>(n));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, contiguous_.scalar_type(), "layernorm_param", [&] {
+      const scalar_t* src = contiguous_.const_data_ptr<scalar_t>();
+      for (int64_t j = 0; j < n; ++j) converted_[j] = static_cast<A>(src[j]) + static_cast<A>(offset);
+    });
+    data_ = converted_.data();
+  }
 
-template <typename A>
-at::Tensor acc_param(const std::optional<at::Tensor>& p) {
-  if (!p.has_value() || !p->defined()) return at::Tensor();
-  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
-  return p->scalar_type() == acc ? p->contiguous() : p->to(acc).contiguous();
-}
+  const A* data() const { return data_; }
 
-template <typename A>
-const A* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<A>() : nullptr;
-}
+ private:
+  at::Tensor contiguous_;
+  std::vector<A> converted_;
+  const A* data_ = nullptr;
+};
 
 int64_t rows_of(const at::Tensor& t, int64_t N) {
   if (N > 0) return t.numel() / N;
@@ -353,7 +360,7 @@ int64_t rows_of(const at::Tensor& t, int64_t N) {
 
 template <typename T, bool kRms>
 void forward_impl(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, at::Tensor& z, at::Tensor& mean,
-                  at::Tensor& rstd, int64_t M, int64_t N, const at::Tensor& w, const at::Tensor& b, double eps,
+                  at::Tensor& rstd, int64_t M, int64_t N, const acc_t<T>* wp, const acc_t<T>* bp, double eps,
                   bool round_normalized) {
   using A = acc_t<T>;
   const T* xp = x.const_data_ptr<T>();
@@ -362,8 +369,6 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, at::T
   T* yp = y.mutable_data_ptr<T>();
   A* mp = kRms || !mean.defined() ? nullptr : mean.mutable_data_ptr<A>();
   A* sp = rstd.defined() ? rstd.mutable_data_ptr<A>() : nullptr;
-  const A* wp = data_or_null<A>(w);
-  const A* bp = data_or_null<A>(b);
   const bool staged = rp != nullptr || !std::is_same_v<T, A>;
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(N, 1));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
@@ -379,7 +384,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, at::T
 
 template <typename T, bool kRms>
 void backward_impl(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor& h, const at::Tensor& mean,
-                   const at::Tensor& rstd, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw, at::Tensor& db,
+                   const at::Tensor& rstd, const acc_t<T>* wp, at::Tensor& dx, at::Tensor& dw, at::Tensor& db,
                    int64_t M, int64_t N, bool round_normalized) {
   using A = acc_t<T>;
   const T* dyp = dy.const_data_ptr<T>();
@@ -387,7 +392,6 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor&
   const T* hp = h.const_data_ptr<T>();
   const A* mp = kRms ? nullptr : mean.const_data_ptr<A>();
   const A* sp = rstd.const_data_ptr<A>();
-  const A* wp = data_or_null<A>(w);
   T* dxp = dx.defined() ? dx.mutable_data_ptr<T>() : nullptr;
   const bool want_dw = dw.defined(), want_db = db.defined();
 
@@ -473,12 +477,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layernorm_norm_forward", [&] {
     using A = acc_t<scalar_t>;
-    const at::Tensor w = effective_weight<A>(weight, offset);
-    const at::Tensor b = acc_param<A>(bias);
+    const ParamValues<A> w(weight, offset), b(bias, 0.0);
     if (rms) {
-      forward_impl<scalar_t, true>(x, r, y, z, mean, rstd, M, N, w, b, eps, round_normalized);
+      forward_impl<scalar_t, true>(x, r, y, z, mean, rstd, M, N, w.data(), b.data(), eps, round_normalized);
     } else {
-      forward_impl<scalar_t, false>(x, r, y, z, mean, rstd, M, N, w, b, eps, round_normalized);
+      forward_impl<scalar_t, false>(x, r, y, z, mean, rstd, M, N, w.data(), b.data(), eps, round_normalized);
     }
   });
   return {y, z, mean, rstd};
@@ -508,13 +511,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "layernorm_norm_backward", [&] {
       using A = acc_t<scalar_t>;
-      const at::Tensor w = effective_weight<A>(weight, offset);
+      const ParamValues<A> w(weight, offset);
       const at::Tensor m = rms ? mean : mean.contiguous();
       const at::Tensor s = rstd.contiguous();
       if (rms) {
-        backward_impl<scalar_t, true>(dy, dz, h, m, s, w, dx, dw, db, M, N, round_normalized);
+        backward_impl<scalar_t, true>(dy, dz, h, m, s, w.data(), dx, dw, db, M, N, round_normalized);
       } else {
-        backward_impl<scalar_t, false>(dy, dz, h, m, s, w, dx, dw, db, M, N, round_normalized);
+        backward_impl<scalar_t, false>(dy, dz, h, m, s, w.data(), dx, dw, db, M, N, round_normalized);
       }
     });
   }
