@@ -59,14 +59,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     console = Console(stderr=True)
     if a.fresh and a.resume:
-        console.print("layernorm lab: --fresh and --resume contradict each other; pass one", markup=False)
+        console.print("layernorm lab: --fresh and --resume contradict each other; pass one", markup=False, soft_wrap=True)
         return 2
     try:
         run_dir = run_lab(out=a.out, run=a.run, only=a.only, seeds=a.seeds, quick=a.quick, data=a.data,
                           workers=a.workers, fresh=a.fresh, progress=not a.no_progress, console=console,
                           resume=a.resume, first_seed=a.first_seed)
     except LabError as exc:
-        console.print(f"layernorm lab: {exc}", markup=False, highlight=False)
+        console.print(f"layernorm lab: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)

@@ -62,11 +62,20 @@ class ImageData:
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
     def standardized(self) -> "ImageData":
-        """Zero mean, unit variance per channel, with the training set's statistics."""
-        dims = (0, 2, 3)
-        mu = self.x_train.mean(dims, keepdim=True)
-        sd = self.x_train.std(dims, keepdim=True).clamp_min(1e-6)
-        return ImageData(self.name, (self.x_train - mu) / sd, self.y_train, (self.x_test - mu) / sd, self.y_test)
+        """Zero mean, unit variance per channel, with the training set's statistics.
+
+        The statistics are computed by numpy in float64 (a fixed summation order): torch's float32
+        reduction order depends on the thread count, and a last-bit difference in the data would make
+        a job's result depend on the process it ran in.
+        """
+        x = self.x_train.numpy().astype(np.float64)
+        mu = x.mean(axis=(0, 2, 3), keepdims=True)
+        sd = np.maximum(x.std(axis=(0, 2, 3), ddof=1, keepdims=True), 1e-6)
+
+        def f(t: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(((t.numpy().astype(np.float64) - mu) / sd).astype(np.float32))
+
+        return ImageData(self.name, f(self.x_train), self.y_train, f(self.x_test), self.y_test)
 
 
 @dataclass

@@ -64,8 +64,8 @@ def ci_err(values_by_x: Sequence[Sequence[float]]) -> Tuple[np.ndarray, np.ndarr
     for v in values_by_x:
         s = summarize(v)
         a, b = s["ci95_t"]
-        a = s["mean"] if not np.isfinite(a) else a
-        b = s["mean"] if not np.isfinite(b) else b
+        a = s["mean"] if a is None else a  # one seed: no interval
+        b = s["mean"] if b is None else b
         means.append(s["mean"])
         lo.append(s["mean"] - a)
         hi.append(b - s["mean"])
@@ -97,7 +97,7 @@ def differences(ax, rows: List[Tuple[str, Sequence[float], str]], unit: str, tit
         s = summarize(vals)
         lo, hi = s["ci95_t"]
         y = len(rows) - 1 - i
-        if np.isfinite(lo) and np.isfinite(hi):
+        if lo is not None and hi is not None:
             ax.plot([lo, hi], [y, y], color=color, lw=3, solid_capstyle="butt")
         ax.plot([s["mean"]], [y], "o", color=color, ms=7)
         ax.scatter(vals, np.full(len(vals), y + 0.18), s=9, color="black", zorder=3)

@@ -23,6 +23,8 @@ BADGE = {"supported": "#1a7f37", "not supported": "#cf222e", "inconclusive": "#9
 
 
 def _fmt(x, signed: bool = False) -> str:
+    if x is None:
+        return "undefined"
     if isinstance(x, float):
         if not math.isfinite(x):
             return str(x)

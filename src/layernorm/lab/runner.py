@@ -20,6 +20,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import shutil
 import time
@@ -31,6 +32,7 @@ from .experiments import EXPERIMENTS, ORDER, TITLES
 from .files import LabError, RunLock, atomic_write, remove_stale_temporaries
 from .pool import Job, estimated_total, run_jobs
 from .stats import VERDICTS
+from .training import setup_worker
 
 __all__ = ["run_lab", "assemble", "SCHEMA_VERSION", "default_run_name", "list_runs", "MIN_SEEDS_FOR_VERDICTS"]
 
@@ -40,8 +42,19 @@ MIN_SEEDS_FOR_VERDICTS = 5
 TEXT_EXPERIMENTS = ("variable-length", "rnn-text")
 
 
+def _finite(obj):
+    """NaN and infinities as null: results.json stays strict JSON whatever a metric did."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _json(obj) -> str:
-    return json.dumps(obj, indent=1, sort_keys=False, allow_nan=True) + "\n"
+    return json.dumps(_finite(obj), indent=1, sort_keys=False, allow_nan=False) + "\n"
 
 
 def _csv(rows: List[Dict]) -> str:
@@ -143,8 +156,9 @@ def run_lab(out: str = "lab-runs", run: Optional[str] = None, only: Optional[Ite
     """
     def say(msg: str) -> None:
         if console is not None:
-            console.print(msg, highlight=False, markup=False)
+            console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
+    setup_worker()  # this process runs jobs too (workers=1) and must compute as the workers do
     names = _parse_only(only)
     r = _resolve(out, run, resume, seeds, quick, data, first_seed, say)
     run, quick, data = r["run"], r["quick"], r["data"]

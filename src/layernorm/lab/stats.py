@@ -54,16 +54,16 @@ CONFIDENCE = 0.95
 
 def _r(x: float, nd: int = 6) -> float:
     """Round for the JSON: fixed digits keep results.json byte-identical across runs and readable."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return x  # type: ignore[return-value]
+    if x is None or not math.isfinite(float(x)):
+        return None  # type: ignore[return-value]  # JSON has no infinity: an undefined bound is null
     return float(round(float(x), nd))
 
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> List[float]:
     """Two-sided Student-t interval for the mean of ``values``.
 
-    With one value the interval is infinite (nothing is known about the spread); with zero spread it
-    collapses to the mean.
+    With one value the interval is infinite (nothing is known about the spread; ``summarize`` stores
+    its bounds as None); with zero spread it collapses to the mean.
     """
     v = np.asarray(values, dtype=np.float64)
     n = v.size
@@ -188,7 +188,10 @@ def decide_either(measures: Dict[str, Dict[str, object]]) -> Dict[str, object]:
     if not measures:
         raise ValueError("decide_either: need at least one measure")
     verdicts = {k: m["verdict"] for k, m in measures.items()}
-    rev = {k: m["difference"]["ci95_t"][1] < 0 for k, m in measures.items()}
+    def below_zero(bound) -> bool:
+        return bound is not None and bound < 0
+
+    rev = {k: below_zero(m["difference"]["ci95_t"][1]) for k, m in measures.items()}
     if any(v == SUPPORTED for v in verdicts.values()) and not any(rev.values()):
         verdict = SUPPORTED
     elif all(v == NOT_SUPPORTED for v in verdicts.values()):
@@ -196,7 +199,7 @@ def decide_either(measures: Dict[str, Dict[str, object]]) -> Dict[str, object]:
     else:
         verdict = INCONCLUSIVE
     boot = {k: m.get("verdict_bootstrap", m["verdict"]) for k, m in measures.items()}
-    rev_b = {k: m["difference"]["ci95_bootstrap"][1] < 0 for k, m in measures.items()}
+    rev_b = {k: below_zero(m["difference"]["ci95_bootstrap"][1]) for k, m in measures.items()}
     if any(v == SUPPORTED for v in boot.values()) and not any(rev_b.values()):
         verdict_b = SUPPORTED
     elif all(v == NOT_SUPPORTED for v in boot.values()):

@@ -18,7 +18,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -67,7 +66,7 @@ def train(model: torch.nn.Module, *, steps: int, next_batch: Callable[[int], Any
 
     Returns ``{"steps_done", "diverged_at", "eval_steps", "evals", "train_loss"}``: ``evals[i]`` is
     ``evaluate()`` after step ``eval_steps[i]`` (step 0: before training), ``train_loss[i]`` the mean
-    training loss since the previous evaluation (NaN when no step was taken in between).
+    training loss since the previous evaluation (None when no step was taken in between).
     ``diverged_at`` is the step whose loss or gradient norm was not finite (that step is not applied),
     else None.
     """
@@ -82,7 +81,7 @@ def train(model: torch.nn.Module, *, steps: int, next_batch: Callable[[int], Any
     nxt = 0
     if points and points[0] == 0:
         evals.append(evaluate() if evaluate is not None else {})
-        train_loss.append(math.nan)
+        train_loss.append(None)
         nxt = 1
     for step in range(1, steps + 1):
         model.train()
@@ -102,14 +101,14 @@ def train(model: torch.nn.Module, *, steps: int, next_batch: Callable[[int], Any
         window.append(float(loss.detach()))
         if nxt < len(points) and step == points[nxt]:
             evals.append(evaluate() if evaluate is not None else {})
-            train_loss.append(sum(window) / len(window) if window else math.nan)
+            train_loss.append(sum(window) / len(window) if window else None)
             window = []
             nxt += 1
     if nxt < len(points):  # stopped early: the model no longer changes, evaluate it once for the rest
         last = evaluate() if evaluate is not None else {}
         for _ in points[nxt:]:
             evals.append(dict(last))
-            train_loss.append(sum(window) / len(window) if window else math.nan)
+            train_loss.append(sum(window) / len(window) if window else None)
             window = []
     return {"steps_done": done, "diverged_at": diverged_at, "eval_steps": points, "evals": evals,
             "train_loss": train_loss}
