@@ -153,7 +153,7 @@ def _figure(ctx, by, S, cfg, ln_bn, ln_lstm, ln_gru) -> str:
     differences(axes[1], [(n, p["measures"]["end"]["difference"]["values"], c) for n, p, c in pairs],
                 "bits per char", "Final bits per char saved by LN (paired per seed)", END_EFFECT_BPC)
     differences(axes[2], [(n, p["measures"]["speed"]["difference"]["values"], c) for n, p, c in pairs], "steps",
-                f"Steps saved by LN to reach {TARGET_BPC:.2f} bits/char", 0.1 * cfg["steps"])
+                f"Steps saved by LN to reach {TARGET_BPC:.3f} bits/char", SPEED_EFFECT_FRACTION * cfg["steps"])
     fig.suptitle(f"Character-level language model, {len(S)} seeds: {', '.join(RNN_NAMES[k] for k in RNN_KINDS)}",
                  fontsize=11)
     fig.tight_layout()

@@ -41,7 +41,7 @@ DEPENDENCE_TOL = 1e-3    # "depends on": max |difference| must exceed this
 END_EFFECT_BPC = 0.05    # a difference in bits per character that matters
 CRITERIA = {"exact_tol": EXACT_TOL, "dependence_tol": DEPENDENCE_TOL, "end_effect_bpc": END_EFFECT_BPC}
 
-FULL = {"max_train_len": 50, "batch": 32, "hidden": 128, "embed": 32, "lr": 2e-3, "clip": 1.0, "steps": 200}
+FULL = {"max_train_len": 50, "batch": 32, "hidden": 128, "embed": 32, "lr": 2e-3, "clip": 1.0, "steps": 150}
 QUICK = {**FULL, "steps": 15}
 _MS_PER_STEP = {"lstm": 20, "ln-lstm": 25, "bn-lstm": 110}   # one core, orders the job queue only
 
