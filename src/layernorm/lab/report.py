@@ -167,7 +167,8 @@ def _md(results: Dict) -> str:
             out.append("")
         if name == "choose" and results["choose"]:
             out += ["A norm is recommended only where it is significantly better than every other option measured "
-                    "(paired per seed, 95% t-interval); otherwise the row names the options tied with the best.", "",
+                    "(paired per seed, 95% t-interval); options tied with the best are named together (\"A or B "
+                    "(tied)\"), and \"no measurable difference\" means all of them are tied.", "",
                     "| situation | recommended | tied with the best | LN vs BN | measured (mean) |", "|---|---|---|---|---|"]
             out += [f"| {_cell(r['situation'])} | **{r['recommended']}** | "
                     f"{', '.join(r.get('tied_with_best', [])) or '-'} | {r.get('ln_vs_bn', '-')} | {_cell(r['measured'])} |"
@@ -258,7 +259,8 @@ def _html(results: Dict, run_dir: str) -> str:
                      "</pre></details></div>")
         if name == "choose" and results["choose"]:
             h.append("<p>A norm is recommended only where it is significantly better than every other option measured "
-                     "(paired per seed, 95% t-interval); otherwise the row names the options tied with the best.</p>")
+                     "(paired per seed, 95% t-interval); options tied with the best are named together (“A or B "
+                     "(tied)”), and “no measurable difference” means all of them are tied.</p>")
             h.append("<table><tr><th>situation</th><th>recommended</th><th>tied with the best</th><th>LN vs BN</th>"
                      "<th>measured (mean)</th></tr>")
             h += [f"<tr><td>{e(r['situation'])}</td><td><strong>{e(r['recommended'])}</strong></td>"

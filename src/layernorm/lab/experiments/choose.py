@@ -2,8 +2,9 @@
 
 For every situation the lab measured, the options are compared paired per seed (95% t-interval of
 the difference). A norm is recommended only when it is significantly better than every other option;
-otherwise the row says which options are statistically tied with the best (no measurable
-difference). Exact facts (train/test, data-parallel) recommend the option whose check passed.
+when some options are statistically tied with the best, the row recommends "A or B (tied)", and when
+all are, it says "no measurable difference". Exact facts (train/test, data-parallel) recommend the
+option whose check passed.
 
 The claim ``ln-improvement-over-bn`` reads "improvement over batch normalization" as a blanket
 statement: LN vs BN is judged in every situation where both were measured, both ways.
@@ -38,9 +39,11 @@ def _compare(options: Dict[str, Dict], higher: bool, unit: str) -> Tuple[str, st
         [sign * (a - b) for a, b in zip(options[best]["values"], options[k]["values"])]) <= 0]
     order = sorted(options, key=lambda k: -sign * options[k]["mean"])
     measured = ", ".join(f"{NAMES[k]} {options[k]['mean']:.2f}{unit}" for k in order)
-    if tied:
+    if not tied:
+        return NAMES[best], measured, [best]
+    if len(tied) + 1 == len(options):
         return "no measurable difference", measured, [best] + tied
-    return NAMES[best], measured, [best]
+    return " or ".join(NAMES[k] for k in [best] + tied) + " (tied)", measured, [best] + tied
 
 
 def _duel(ln: Dict, bn: Dict, min_effect: float, higher: bool) -> Dict:
