@@ -270,6 +270,9 @@ def test_atomic_writes_use_unique_temporaries_and_stale_ones_are_removed(tmp_pat
     atomic_write(str(tmp_path / "a.json"), "1")
     atomic_write(str(tmp_path / "a.json"), "2")
     assert (tmp_path / "a.json").read_text() == "2"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's owner-only 0600
     assert seen[0][1] != seen[1][1]  # two writers never share a temporary name
     monkeypatch.undo()
     for name in ("results.json.tmp123", "rnn.png.tmp.png", ".report.md.4242-k2j3h_x.tmp", "keep.csv", "tmp.json"):
@@ -496,3 +499,48 @@ def test_sequential_mnist_tasks_and_jobs():
     cfg = dict(rnn_mnist.QUICK, steps={"rows": 2, "pixels": 2, "permuted": 2}, hidden=8, evals=1)
     r = rnn_mnist.job("rows", "ln-gru", 1, cfg, "mnist")
     assert r == rnn_mnist.job("rows", "ln-gru", 1, cfg, "mnist") and r["eval_steps"] == [0, 2]
+
+
+def test_lab_modules_import_without_cycles():
+    """report <-> runner was a cycle; every lab module now imports only modules below it (lazy imports too)."""
+    import ast
+    import pathlib
+
+    import layernorm.lab as lab
+
+    root = pathlib.Path(lab.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        mod = ".".join(path.relative_to(root).with_suffix("").parts)
+        mod = mod[: -len(".__init__")] if mod.endswith(".__init__") else mod
+        pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = pkg.split(".") if pkg and pkg != "__init__" else []
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [".".join(base + [a.name]) for a in node.names]
+                deps |= {n.strip(".") for n in names if n.strip(".") not in ("", "__init__")}
+        graph[mod if mod != "__init__" else ""] = deps
+    graph = {k: {d for d in v if d in graph or d.rpartition(".")[0] in graph} for k, v in graph.items()}
+    # the package __init__ re-exports: it is allowed to import everything, nothing may import it back
+    graph.pop("", None)
+    state = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for dep in graph.get(node, ()):
+            dep = dep if dep in graph else dep.rpartition(".")[0]
+            if dep == "experiments" and node.startswith("experiments."):
+                raise AssertionError(f"{node} imports its own package's registry")
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack + [node, dep]))
+            if dep in graph and not state.get(dep):
+                visit(dep, stack + [node])
+        state[node] = 2
+
+    for n in graph:
+        if not state.get(n):
+            visit(n, [])
+    assert "runner" not in graph["report"] and "files" in graph["report"]

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .files import temporary_path
+from .files import publish, temporary_path
 from .models import RNN_NAMES, RNN_NORM
 from .stats import summarize
 
@@ -48,7 +48,7 @@ def savefig(fig, fig_dir: str, name: str) -> str:
     tmp = temporary_path(path)
     try:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -19,7 +19,8 @@ import re
 import tempfile
 from typing import List, Union
 
-__all__ = ["LabError", "atomic_write", "temporary_path", "RunLock", "remove_stale_temporaries", "TEMP_SUFFIX"]
+__all__ = ["LabError", "atomic_write", "temporary_path", "publish", "RunLock", "remove_stale_temporaries",
+           "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".tmp"
 # Ours (".name.<pid>-<random>.tmp") and those of earlier versions of the lab ("x.tmp123", "x.png.tmp.png").
@@ -30,6 +31,21 @@ class LabError(ValueError):
     """A problem the user can fix (bad option, busy or unwritable directory); the CLI prints one line."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str, path: str) -> None:
+    """Move the finished temporary ``tmp`` to ``path`` with the permissions an ordinary new file gets.
+
+    ``mkstemp`` creates its files readable by the owner only; a report must be readable like any file.
+    """
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def atomic_write(path: str, data: Union[str, bytes]) -> None:
     """Write ``data`` (text as UTF-8, or bytes) to ``path`` through a unique temporary file and ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -38,7 +54,7 @@ def atomic_write(path: str, data: Union[str, bytes]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -90,6 +90,9 @@ def _bootstrap_lines(name: str, p: Dict) -> List[str]:
         d = m["difference"]
         out.append(f"{k}: mean {_fmt(d['mean'], True)}, 95% bootstrap interval {_interval(d, 'ci95_bootstrap')} "
                    f"(t-interval {_interval(d)}); per seed {d['values']}")
+        if m is not p and m.get("verdict_bootstrap", m["verdict"]) != m["verdict"]:
+            out.append(f"On the {k} measure the two intervals disagree: the bootstrap interval gives "
+                       f"'{m['verdict_bootstrap']}' instead of '{m['verdict']}' (the t-interval decides).")
     vb = p.get("verdict_bootstrap")
     if vb is not None and vb != p["verdict"]:
         out.append(f"The two intervals disagree here: the same rule on the bootstrap interval gives '{vb}' instead of "
