@@ -11,6 +11,8 @@ import torch
 pytest.importorskip("matplotlib")
 pytest.importorskip("scipy")
 
+from tolerances import tol  # noqa: E402
+
 from layernorm.lab import cli, runner, stats  # noqa: E402
 from layernorm.lab.data import display_name, load_images, load_text  # noqa: E402
 from layernorm.lab.files import LabError, RunLock, atomic_write, remove_stale_temporaries  # noqa: E402
@@ -18,7 +20,6 @@ from layernorm.lab.recurrent import judge_pair, steps_to_target  # noqa: E402
 from layernorm.lab.report import _md, deciding_number, part_text  # noqa: E402
 from layernorm.lab.schema import validate  # noqa: E402
 from layernorm.lab.training import train  # noqa: E402
-from tolerances import tol  # noqa: E402
 
 S, NS, INC = stats.SUPPORTED, stats.NOT_SUPPORTED, stats.INCONCLUSIVE
 RTOL64, ATOL64 = tol(torch.float64)

@@ -59,7 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     console = Console(stderr=True)
     if a.fresh and a.resume:
-        console.print("layernorm lab: --fresh and --resume contradict each other; pass one", markup=False, soft_wrap=True)
+        console.print("layernorm lab: --fresh and --resume contradict each other; pass one", markup=False,
+                      soft_wrap=True)
         return 2
     try:
         run_dir = run_lab(out=a.out, run=a.run, only=a.only, seeds=a.seeds, quick=a.quick, data=a.data,

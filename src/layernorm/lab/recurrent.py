@@ -56,8 +56,8 @@ def judge_pair(by: Dict, first: str, second: str, seeds: Sequence[int], *, highe
 
     a, b = RNN_NAMES[first], RNN_NAMES[second]
     measures = {
-        "end": labelled(decide_effect(end, min_end), f"final {metric} {'gained' if higher else 'saved'} by {a} over {b}",
-                        end_unit),
+        "end": labelled(decide_effect(end, min_end),
+                        f"final {metric} {'gained' if higher else 'saved'} by {a} over {b}", end_unit),
         "speed": labelled(decide_effect(speed, SPEED_EFFECT_FRACTION * budget),
                           f"steps saved by {a} over {b} to reach {metric} {'>=' if higher else '<='} {target:g}",
                           "steps"),

@@ -172,10 +172,11 @@ def _md(results: Dict) -> str:
             out += ["A norm is recommended only where it is significantly better than every other option measured "
                     "(paired per seed, 95% t-interval); options tied with the best are named together (\"A or B "
                     "(tied)\"), and \"no measurable difference\" means all of them are tied.", "",
-                    "| situation | recommended | tied with the best | LN vs BN | measured (mean) |", "|---|---|---|---|---|"]
+                    "| situation | recommended | tied with the best | LN vs BN | measured (mean) |",
+                    "|---|---|---|---|---|"]
             out += [f"| {_cell(r['situation'])} | **{r['recommended']}** | "
-                    f"{', '.join(r.get('tied_with_best', [])) or '-'} | {r.get('ln_vs_bn', '-')} | {_cell(r['measured'])} |"
-                    for r in results["choose"]]
+                    f"{', '.join(r.get('tied_with_best', [])) or '-'} | {r.get('ln_vs_bn', '-')} | "
+                    f"{_cell(r['measured'])} |" for r in results["choose"]]
             out.append("")
         out += [f"Per-seed metrics: [{e['metrics_csv']}]({e['metrics_csv']})", ""]
     return "\n".join(out)

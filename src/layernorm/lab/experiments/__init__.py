@@ -10,8 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict, List
 
-from . import (batch_size, choose, cnn, parallel, rnn_mnist, rnn_text, train_test, variable_length,
-               what_ln_computes)
+from . import batch_size, choose, cnn, parallel, rnn_mnist, rnn_text, train_test, variable_length, what_ln_computes
 
 __all__ = ["EXPERIMENTS", "ORDER", "TITLES"]
 

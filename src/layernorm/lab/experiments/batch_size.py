@@ -135,7 +135,8 @@ def analyze(ctx: Context, results: List[Dict]) -> Dict:
               f"above -{ACC_MARGIN_PP} pp, not supported if below.",
               {"ln_output_independent_of_batch_mates": decide_checks(
                   {f"LN max diff {mates_max['ln']:.2g} <= {EXACT_TOL}": mates_max["ln"] <= EXACT_TOL,
-                   f"BN (control) max diff {mates_max['bn']:.2g} > {DEPENDENCE_TOL}": mates_max["bn"] > DEPENDENCE_TOL}),
+                   f"BN (control) max diff {mates_max['bn']:.2g} > {DEPENDENCE_TOL}":
+                       mates_max["bn"] > DEPENDENCE_TOL}),
                "ln_small_batch_no_worse": labelled(decide_no_worse(ln_drop, ACC_MARGIN_PP),
                                                    f"LN accuracy at batch {small} minus at batch {ln_best}", "pp")},
               {"mates_max_abs_diff": mates_max, "ln_best_batch": ln_best,

@@ -114,9 +114,9 @@ def analyze(ctx: Context, results: List[Dict]) -> Dict:
               "one downside of layer normalization is that it does not always work really well with convolutional "
               "neural networks so if you want to use a cnn architecture you might want to opt for batch "
               "normalization instead",
-              f"Small CNN, batch {cfg['batch']}, {cfg['epochs']} epochs: final test accuracy BN - LN per seed; supported "
-              f"if the 95% t-interval is above 0 and the mean >= {CNN_EFFECT_PP} pp; not supported if the interval is "
-              f"below {CNN_EFFECT_PP} pp.",
+              f"Small CNN, batch {cfg['batch']}, {cfg['epochs']} epochs: final test accuracy BN - LN per seed; "
+              f"supported if the 95% t-interval is above 0 and the mean >= {CNN_EFFECT_PP} pp; not supported if the "
+              f"interval is below {CNN_EFFECT_PP} pp.",
               {"bn_beats_ln_in_cnn": labelled(decide_effect(d_ln, CNN_EFFECT_PP), "final test accuracy, BN minus LN",
                                               "pp")}, ev, scope=scope),
         claim("bn-faster-better", NAME, "BN makes networks faster and better",
@@ -139,8 +139,8 @@ def analyze(ctx: Context, results: List[Dict]) -> Dict:
                                                          f"test accuracy at batch {small}, LN minus BN", "pp")},
               {"test_acc_pp": cross_table, "ln_vs_bn_significance_by_batch": ln_vs_bn, "seeds": S},
               note="BatchNorm is evaluated with its running statistics (eval mode), as it would be deployed.",
-              scope=f"small CNN on {display_name(ctx.data)}, batch {small} to {max(sizes)}, {cfg['crossover_epochs']:g} "
-                    f"epoch(s) at each"),
+              scope=f"small CNN on {display_name(ctx.data)}, batch {small} to {max(sizes)}, "
+                    f"{cfg['crossover_epochs']:g} epoch(s) at each"),
     ]
     fig = _figure(ctx, acc, first, cross, S, cfg)
     rows = [{"part": "batch64" if i < len(NORMS) * len(S) else "crossover", "norm": r["norm"], "batch": r["batch"],

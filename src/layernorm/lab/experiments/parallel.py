@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import display_name, load_images
-from ..ddp import VARIANTS, RETAINED, CollectiveCounter, nbytes, run_spawn, to_sync
+from ..ddp import RETAINED, VARIANTS, CollectiveCounter, nbytes, run_spawn, to_sync
 from ..experiment import Context, claim
 from ..figures import COLORS, NORM_NAMES, pyplot, savefig
 from ..models import MLP

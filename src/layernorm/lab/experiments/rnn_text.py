@@ -89,7 +89,8 @@ def job(kind: str, seed: int, cfg: Dict) -> Dict:
                 eval_at=range(0, cfg["steps"] + 1, cfg["eval_every"]), evaluate=lambda: {"bpc": _bpc(model, valid)})
     bpc = [e["bpc"] for e in out["evals"]]
     return {"kind": kind, "seed": seed, "eval_steps": out["eval_steps"], "bpc": bpc,
-            "train_bpc": [None if x is None else x / math.log(2) for x in out["train_loss"]], "final": _bpc(model, final_valid),
+            "train_bpc": [None if x is None else x / math.log(2) for x in out["train_loss"]],
+            "final": _bpc(model, final_valid),
             "steps_to_target": steps_to_target(out["eval_steps"], bpc, TARGET_BPC, higher=False),
             "diverged_at": out["diverged_at"], "params": parameter_count(model)}
 

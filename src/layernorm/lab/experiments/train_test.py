@@ -98,8 +98,8 @@ def analyze(ctx: Context, results: List[Dict]) -> Dict:
         {"train_eval_max_abs_diff": gap, "test_acc_pp": acc, "seeds": S},
         note="BN's accuracy when it normalizes with the statistics of small test batches instead of its running "
              "statistics is in evidence.test_acc_pp.bn.",
-        scope=f"MLP on {display_name(ctx.data)}, trained at batch {cfg['train_batch']}, tested in batches of {min(tbs)} to "
-              f"{max(tbs)}")]
+        scope=f"MLP on {display_name(ctx.data)}, trained at batch {cfg['train_batch']}, tested in batches of "
+              f"{min(tbs)} to {max(tbs)}")]
     fig = _figure(ctx, by, S, tbs)
     rows = []
     for r in results:

@@ -144,7 +144,8 @@ def analyze(ctx: Context, results: List[Dict]) -> Dict:
         f"{cfg['batch']}, mixed lengths, packed), and are tested on {by[KINDS[0], S[0]]['test_paragraphs']} validation "
         f"paragraphs read to 4L = {4 * L}. (a) A {4 * L}-character paragraph's training-mode output changes by "
         f"<= {EXACT_TOL} under LayerNormLSTM when its 7 batch-mates are {max(2, L // 5)} characters long instead of "
-        f"{4 * L}, and by > {DEPENDENCE_TOL} under BatchNormLSTM; (b) bits per character at positions [{2 * L}, {4 * L}), beyond twice "
+        f"{4 * L}, and by > {DEPENDENCE_TOL} under BatchNormLSTM; (b) bits per character at positions "
+        f"[{2 * L}, {4 * L}), beyond twice "
         f"the trained length: BatchNormLSTM minus LayerNormLSTM per seed, supported if the 95% t-interval is above 0 "
         f"and the mean >= {END_EFFECT_BPC}.",
         {"ln_independent_of_padding_mates": decide_checks(

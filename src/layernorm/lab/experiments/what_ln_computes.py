@@ -118,7 +118,8 @@ def _figure(ctx, a, bn_mean, bn_var, ln_mean, ln_var, bn_out, ln_out) -> str:
                             arrowprops=dict(arrowstyle="->", color=COLORS["ln"], lw=1.2, alpha=0.6))
         axes[1, 0].text(4.6, i, f"μ={ln_mean[i]:.2f}\nσ²={ln_var[i]:.2f}", ha="left", va="center", fontsize=7)
     heat(axes[1, 1], ln_out, "LayerNorm output (each row: mean 0, var 1)", COLORS["ln"])
-    fig.suptitle(f"Real activations (3 {display_name(ctx.data)} images -> 4 -> 5 neurons): where the statistics are taken",
+    fig.suptitle(f"Real activations (3 {display_name(ctx.data)} images -> 4 -> 5 neurons): "
+                 "where the statistics are taken",
                  fontsize=11)
     fig.tight_layout()
     return savefig(fig, ctx.fig_dir, "what-ln-computes.png")
