@@ -7,15 +7,17 @@ import subprocess
 
 import pytest
 
-pytest.importorskip("sklearn")
+pytest.importorskip("mlxtend")
 pytest.importorskip("matplotlib")
 
 from layernorm.lab import ORDER, cli  # noqa: E402
 from layernorm.lab.schema import validate  # noqa: E402
 
+SCOPES = ("text", "rows", "pixels", "permuted")
 CLAIM_IDS = {"ln-per-sample", "ln-neuron-own-calculation", "bn-small-batch", "ln-any-batch-size",
-             "ln-train-test-same", "ln-variable-length", "ln-no-extra-communication", "ln-better-for-rnns",
-             "ln-improves-rnns", "ln-cnn-downside", "bn-faster-better", "ln-improvement-over-bn"}
+             "ln-train-test-same", "ln-variable-length", "ln-no-extra-communication", "ln-cnn-downside",
+             "bn-faster-better", "bn-small-batch-cnn", "ln-improvement-over-bn",
+             *(f"ln-better-for-rnns-{s}" for s in SCOPES), *(f"ln-improves-rnns-{s}" for s in SCOPES)}
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 
 
@@ -23,7 +25,7 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lab")
     assert cli.main(["--quick", "--out", str(out), "--no-progress"]) == 0
-    return os.path.join(str(out), "quick-2seeds-digits")
+    return os.path.join(str(out), "quick-2seeds-mnist")
 
 
 @pytest.mark.slow
@@ -43,6 +45,14 @@ def test_quick_end_to_end(quick_run):
     # exact facts hold even in quick mode
     assert v["ln-per-sample"] == "supported" and v["ln-train-test-same"] == "supported"
     assert v["ln-no-extra-communication"] == "supported"
+    # a quick run is a preview, and says so everywhere
+    assert res["preview"] is True
+    md = open(os.path.join(quick_run, "report.md")).read()
+    assert md.count("preview: ") >= len(CLAIM_IDS) and "**Preview.**" in md
+    html = open(os.path.join(quick_run, "report.html")).read()
+    assert "class='banner'" in html and "preview: supported" in html
+    # the lecture is cited by its title, never by a path outside the package
+    assert "shared/seed" not in md + html and 'What is Layer Normalization?' in md
 
 
 @pytest.mark.slow
@@ -59,7 +69,7 @@ def test_report_html_in_chromium(quick_run, tmp_path):
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(0)))
     with open(os.path.join(quick_run, "results.json")) as f:
         n_figs = sum(len(e["figures"]) for e in json.load(f)["experiments"].values())
-    assert attrs.get("data-images-total") == str(n_figs) and n_figs >= 7
+    assert attrs.get("data-images-total") == str(n_figs) and n_figs >= 8
     assert attrs.get("data-all-images-loaded") == "true", attrs  # every <img> decoded, naturalWidth > 0
     for cid in CLAIM_IDS:
         assert f'data-claim-id="{cid}"' in dom, cid

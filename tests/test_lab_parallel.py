@@ -6,18 +6,19 @@ import time
 
 import pytest
 
-pytest.importorskip("sklearn")
+pytest.importorskip("mlxtend")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 
-from layernorm.lab.parallel import CollectiveCounter, _init_method, run_spawn  # noqa: E402
+from layernorm.lab.ddp import CollectiveCounter, _init_method, run_spawn  # noqa: E402
+from layernorm.lab.experiments.parallel import worker  # noqa: E402
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_process_ddp_ln_bn_syncbn():
-    out = run_spawn({"seeds": [0], "steps": 2, "global_batch": 64, "data_path": None}, world=2)
+    out = run_spawn(worker, {"seeds": [0], "steps": 2, "global_batch": 64, "data": "mnist"}, world=2)
     v = out["variants"]
     assert out["world_size"] == 2 and out["backend"] == "gloo"
     ln, bn, sbn = (v[k]["seeds"][0] for k in ("ln", "bn", "syncbn"))
@@ -34,7 +35,7 @@ def test_two_process_ddp_ln_bn_syncbn():
     assert set(out["timings_s_per_step"]) == {"ln", "bn", "syncbn"}
 
 
-_TINY = {"seeds": [0], "steps": 1, "global_batch": 64, "data_path": None}
+_TINY = {"seeds": [0], "steps": 1, "global_batch": 64, "data": "mnist"}
 
 
 @pytest.mark.slow
@@ -53,7 +54,7 @@ def test_ddp_rendezvous_uses_a_file_not_a_tcp_port(monkeypatch, tmp_path):
         return real_bind(self, addr)
 
     monkeypatch.setattr(socket.socket, "bind", no_tcp_bind)
-    out = run_spawn(_TINY, world=2, timeout=240)
+    out = run_spawn(worker, _TINY, world=2, timeout=240)
     assert out["world_size"] == 2 and set(out["variants"]) == {"ln", "bn", "syncbn"}
     assert os.listdir(tmp_path) == []  # the rendezvous file's temporary directory is gone
 
@@ -64,7 +65,7 @@ def test_ddp_worker_exception_is_raised_in_the_parent(monkeypatch, tmp_path):
     t0 = time.monotonic()
     # rank 1 raises after the rendezvous, while rank 0 goes on into DDP's first collective
     with pytest.raises(RuntimeError, match=r"(?s)experiment 'parallel'.*rank 1.*injected failure in rank 1"):
-        run_spawn(_TINY, world=2, timeout=240, _fault="raise:1")
+        run_spawn(worker, _TINY, world=2, timeout=240, _fault="raise:1")
     assert time.monotonic() - t0 < 240
     assert os.listdir(tmp_path) == []
 
@@ -74,7 +75,7 @@ def test_ddp_hang_is_stopped_by_the_timeout(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"experiment 'parallel'.*within 10 s.*terminated"):
-        run_spawn(_TINY, world=2, timeout=10, _fault="hang:1")
+        run_spawn(worker, _TINY, world=2, timeout=10, _fault="hang:1")
     assert time.monotonic() - t0 < 10 + 30  # the deadline, plus terminating the workers
     assert os.listdir(tmp_path) == []
 

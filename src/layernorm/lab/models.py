@@ -1,23 +1,28 @@
-"""The small models the lab trains: an MLP, a CNN and a recurrent classifier/regressor.
+"""The models several experiments share: a normalization picked by name, an MLP, and recurrent nets.
 
-Normalization is picked by name so the experiments compare like with like:
+Normalization by name, so experiments compare like with like:
 
 - ``"bn"``: ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` (per feature/channel, over the batch);
-- ``"ln"``: ``nn.LayerNorm`` over the features of each sample; in the CNN ``nn.GroupNorm(1, C)``, i.e.
+- ``"ln"``: ``nn.LayerNorm`` over the features of each sample; on images ``nn.GroupNorm(1, C)``, i.e.
   one mean/variance per sample over (C, H, W) with a per-channel gain (as in Wu & He, 2018);
 - ``"gn"``: ``nn.GroupNorm`` with 4 groups (channels split into groups, per sample);
 - ``"none"``: identity.
-- ``"syncbn"`` (parallel experiment only): ``nn.SyncBatchNorm``.
+
+Recurrent layers by kind (:data:`RNN_KINDS`): torch's ``nn.LSTM`` / ``nn.GRU`` and the package's
+``layernorm.LayerNormLSTM``, ``layernorm.LayerNormGRU``, ``layernorm.BatchNormLSTM``, all built
+with the same ``(input_size, hidden_size, batch_first=True)`` call. The CNN lives with its experiment
+(``experiments/cnn.py``): only that one uses it.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-__all__ = ["NORMS", "make_norm", "MLP", "CNN", "SeqModel", "rnn_classes", "RNN_KINDS"]
+__all__ = ["NORMS", "make_norm", "MLP", "RNN_KINDS", "RNN_NAMES", "RNN_NORM", "make_recurrent",
+           "SeqClassifier", "CharLM", "parameter_count"]
 
 NORMS = ("bn", "ln", "gn", "none")
 GROUPS = 4
@@ -27,15 +32,13 @@ def make_norm(kind: str, features: int, spatial: bool = False) -> nn.Module:
     """A normalization layer for ``features`` channels; ``spatial`` for (N, C, H, W) inputs."""
     if kind == "bn":
         return nn.BatchNorm2d(features) if spatial else nn.BatchNorm1d(features)
-    if kind == "syncbn":
-        return nn.SyncBatchNorm(features)
     if kind == "ln":
         return nn.GroupNorm(1, features) if spatial else nn.LayerNorm(features)
     if kind == "gn":
         return nn.GroupNorm(GROUPS, features)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm must be one of {NORMS + ('syncbn',)}, got {kind!r}")
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
 class MLP(nn.Module):
@@ -55,58 +58,73 @@ class MLP(nn.Module):
         return self.head(self.body(x.flatten(1)))
 
 
-class CNN(nn.Module):
-    """Three 3x3 conv blocks (16, 32, 32 channels) with norm + ReLU, a max-pool, global average pool."""
-
-    def __init__(self, in_channels: int, classes: int, norm: str, width: int = 16) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"),
-                                 make_norm(norm, cout, spatial=True), nn.ReLU())
-
-        self.body = nn.Sequential(block(in_channels, width), block(width, 2 * width), nn.MaxPool2d(2),
-                                  block(2 * width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(2 * width, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
 RNN_KINDS = ("lstm", "ln-lstm", "bn-lstm", "gru", "ln-gru")
+RNN_NAMES = {"lstm": "nn.LSTM", "ln-lstm": "LayerNormLSTM", "bn-lstm": "BatchNormLSTM", "gru": "nn.GRU",
+             "ln-gru": "LayerNormGRU"}
+# The normalization inside each recurrent kind: the figures colour a kind by it.
+RNN_NORM = {"lstm": "none", "ln-lstm": "ln", "bn-lstm": "bn", "gru": "none", "ln-gru": "ln"}
 
 
-def rnn_classes() -> Dict[str, type]:
-    """The recurrent layers by kind: torch's and the package's (``layernorm.LayerNormLSTM`` ...)."""
-    from layernorm import BatchNormLSTM, LayerNormGRU, LayerNormLSTM
+def make_recurrent(kind: str, input_size: int, hidden: int, max_length: int) -> nn.Module:
+    """One recurrent layer of ``kind``, batch first; ``max_length``: steps with their own statistics (BN only)."""
+    import layernorm
 
-    return {"lstm": nn.LSTM, "ln-lstm": LayerNormLSTM, "bn-lstm": BatchNormLSTM, "gru": nn.GRU,
-            "ln-gru": LayerNormGRU}
+    if kind == "lstm":
+        return nn.LSTM(input_size, hidden, batch_first=True)
+    if kind == "gru":
+        return nn.GRU(input_size, hidden, batch_first=True)
+    if kind == "ln-lstm":
+        return layernorm.LayerNormLSTM(input_size, hidden, batch_first=True)
+    if kind == "ln-gru":
+        return layernorm.LayerNormGRU(input_size, hidden, batch_first=True)
+    if kind == "bn-lstm":
+        return layernorm.BatchNormLSTM(input_size, hidden, batch_first=True, max_length=max_length)
+    raise ValueError(f"kind must be one of {RNN_KINDS}, got {kind!r}")
 
 
-class SeqModel(nn.Module):
-    """A one-layer recurrent net over ``(N, T, F)`` inputs, read out from the last real step's hidden state.
+class SeqClassifier(nn.Module):
+    """A recurrent layer over ``(N, T, F)`` inputs, classified from the last step's output.
 
     Args:
-        kind: one of ``RNN_KINDS``.
-        max_length: steps with their own statistics (BatchNormLSTM only).
+        kind: one of :data:`RNN_KINDS`.
+        max_length: steps with their own statistics (BatchNormLSTM only); use the sequence length.
     """
 
-    def __init__(self, kind: str, input_size: int, hidden: int, outputs: int, max_length: int = 100) -> None:
+    def __init__(self, kind: str, input_size: int, hidden: int, classes: int, max_length: int) -> None:
         super().__init__()
-        classes = rnn_classes()
-        if kind not in classes:
-            raise ValueError(f"kind must be one of {RNN_KINDS}, got {kind!r}")
-        if kind == "bn-lstm":
-            self.rnn = classes[kind](input_size, hidden, batch_first=True, max_length=max_length)
-        else:
-            self.rnn = classes[kind](input_size, hidden, batch_first=True)
-        self.kind = kind
-        self.head = nn.Linear(hidden, outputs)
+        self.rnn = make_recurrent(kind, input_size, hidden, max_length)
+        self.head = nn.Linear(hidden, classes)
 
-    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if lengths is not None:
-            x = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, state = self.rnn(x)
-        h = state[0] if isinstance(state, tuple) else state  # LSTMs return (h, c), GRUs h
-        return self.head(h[-1])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+class CharLM(nn.Module):
+    """A character language model: embedding -> recurrent layer -> logits over the vocabulary at every step.
+
+    ``forward(ids, lengths=None)`` takes ``(N, T)`` int64 ids (padded when ``lengths`` is given) and returns
+    ``(N, T, vocab)`` logits; with ``lengths`` the recurrent layer sees a ``PackedSequence``, so padding
+    never enters it (the positions past a sequence's length come back as the head's output of zeros).
+    """
+
+    def __init__(self, kind: str, vocab: int, hidden: int, max_length: int, embed: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.rnn = make_recurrent(kind, embed, hidden, max_length)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        e = self.embed(ids)
+        if lengths is None:
+            out, _ = self.rnn(e)
+        else:
+            packed = pack_padded_sequence(e, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
+        return self.head(out)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Trainable parameters (reported beside each comparison: the kinds differ in size)."""
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
