@@ -214,86 +214,133 @@ void forward_row(const T* x, const T* r, T* z, T* y, int64_t n, const acc_t<T>* 
   if (rstd_out != nullptr) *rstd_out = rstd;
 }
 
+// Backward rows with wide partial rows are processed in groups: pass A per row, then pass B over the
+// group column by column, so each partial dweight/dbias element is loaded and stored once per group
+// instead of once per row.
+constexpr int kRowGroup = 4;
+constexpr int64_t kGroupAbovePartialBytes = 16384;
+
+// Pass A of one row: (mean(dxhat * xhat), mean(dxhat)), dxhat = g * w (the second is 0 for RMSNorm).
 template <typename T, bool kRms>
-void backward_row(const T* dy, const T* dz, const T* h, T* dx, int64_t n, const acc_t<T>* w, acc_t<T> mean,
-                  acc_t<T> rstd, bool round_normalized, acc_t<T>* dw_acc, acc_t<T>* db_acc) {
+std::pair<acc_t<T>, acc_t<T>> backward_row_means(const T* dy, const T* h, int64_t n, const acc_t<T>* w,
+                                                 acc_t<T> mean, acc_t<T> rstd) {
+  using A = acc_t<T>;
+  using V = Vec<A>;
+  const V vmean = simd::splat(mean), vrstd = simd::splat(rstd);
+  auto [sum_dxhat_xhat, sum_dxhat] = reduce2<A>(
+      n,
+      [&](int64_t j, V& u, V& v) {
+        V g = simd::load(dy + j);
+        if (w != nullptr) g = g * simd::load(w + j);
+        V xh = (simd::load(h + j) - vmean) * vrstd;
+        u += g * xh;
+        if (!kRms) v += g;
+      },
+      [&](int64_t j, A& u, A& v) {
+        A g = simd::to_acc(dy[j]);
+        if (w != nullptr) g *= w[j];
+        A xh = (simd::to_acc(h[j]) - mean) * rstd;
+        u += g * xh;
+        if (!kRms) v += g;
+      });
+  return {sum_dxhat_xhat / A(n), kRms ? A(0) : sum_dxhat / A(n)};
+}
+
+// Pass B of rows [first, first + count): dx = rstd * (dxhat - xhat * k1 - k2) (+ dz), and
+// g * xhat, g added into the partial rows dw_acc, db_acc (row by row, in order, per column).
+template <typename T, bool kRms, int count>
+void backward_rows_fixed(int64_t first, int64_t n, const T* dy, const T* dz, const T* h, T* dx,
+                         const acc_t<T>* w, const acc_t<T>* mean, const acc_t<T>* rstd, bool round_normalized,
+                         acc_t<T>* dw_acc, acc_t<T>* db_acc) {
   using A = acc_t<T>;
   using V = Vec<A>;
   constexpr int L = kLanes<A>;
-  const V vmean = simd::splat(mean), vrstd = simd::splat(rstd);
-
-  // Pass A: sum(dxhat * xhat) and sum(dxhat), dxhat = g * w.
-  A sum_dxhat_xhat = 0, sum_dxhat = 0;
-  if (dx != nullptr) {
-    std::tie(sum_dxhat_xhat, sum_dxhat) = reduce2<A>(
-        n,
-        [&](int64_t j, V& u, V& v) {
-          V g = simd::load(dy + j);
-          if (w != nullptr) g = g * simd::load(w + j);
-          V xh = (simd::load(h + j) - vmean) * vrstd;
-          u += g * xh;
-          if (!kRms) v += g;
-        },
-        [&](int64_t j, A& u, A& v) {
-          A g = simd::to_acc(dy[j]);
-          if (w != nullptr) g *= w[j];
-          A xh = (simd::to_acc(h[j]) - mean) * rstd;
-          u += g * xh;
-          if (!kRms) v += g;
-        });
+  A k1[count] = {}, k2[count] = {}, rs[count], mu[count];
+  const T *dyr[count], *hr[count], *dzr[count];
+  T* dxr[count];
+  for (int r = 0; r < count; ++r) {
+    const int64_t i = first + r, off = i * n;
+    dyr[r] = dy + off;
+    hr[r] = h + off;
+    dzr[r] = dz ? dz + off : nullptr;
+    dxr[r] = dx ? dx + off : nullptr;
+    mu[r] = kRms ? A(0) : mean[i];
+    rs[r] = rstd[i];
+    if (dx != nullptr) std::tie(k1[r], k2[r]) = backward_row_means<T, kRms>(dyr[r], hr[r], n, w, mu[r], rs[r]);
   }
-  // Pass B: dx = rstd * (dxhat - xhat * mean(dxhat * xhat) - mean(dxhat)) (+ dz); partial sums.
-  const A k1 = sum_dxhat_xhat / A(n), k2 = kRms ? A(0) : sum_dxhat / A(n);
-  const V vk1 = simd::splat(k1), vk2 = simd::splat(k2);
   int64_t j = 0;
   for (; j + L <= n; j += L) {
-    V g = simd::load(dy + j);
-    V xh = (simd::load(h + j) - vmean) * vrstd;
-    if (dx != nullptr) {
-      V dxh = w != nullptr ? g * simd::load(w + j) : g;
-      V d = vrstd * (dxh - xh * vk1 - vk2);
-      if (dz != nullptr) d += simd::load(dz + j);
-      simd::store(dx + j, d);
+    const V wv = w != nullptr ? simd::load(w + j) : simd::splat(A(1));
+    V accw = dw_acc != nullptr ? simd::load(dw_acc + j) : V{};
+    V accb = db_acc != nullptr ? simd::load(db_acc + j) : V{};
+#pragma GCC unroll 4
+    for (int r = 0; r < count; ++r) {
+      const V g = simd::load(dyr[r] + j);
+      const V xh = (simd::load(hr[r] + j) - simd::splat(mu[r])) * simd::splat(rs[r]);
+      if (dx != nullptr) {
+        V d = simd::splat(rs[r]) * (g * wv - xh * simd::splat(k1[r]) - simd::splat(k2[r]));
+        if (dz != nullptr) d += simd::load(dzr[r] + j);
+        simd::store(dxr[r] + j, d);
+      }
+      accw += g * (round_normalized ? simd::round_to<T>(xh) : xh);
+      accb += g;
     }
-    if (dw_acc != nullptr) {
-      V xr = round_normalized ? simd::round_to<T>(xh) : xh;
-      V acc = simd::load(dw_acc + j) + g * xr;
-      simd::store(dw_acc + j, acc);
-    }
-    if (db_acc != nullptr) simd::store(db_acc + j, simd::load(db_acc + j) + g);
+    if (dw_acc != nullptr) simd::store(dw_acc + j, accw);
+    if (db_acc != nullptr) simd::store(db_acc + j, accb);
   }
   for (; j < n; ++j) {
-    A g = simd::to_acc(dy[j]);
-    A xh = (simd::to_acc(h[j]) - mean) * rstd;
-    if (dx != nullptr) {
-      A dxh = w != nullptr ? g * w[j] : g;
-      A d = rstd * (dxh - xh * k1 - k2);
-      if (dz != nullptr) d += simd::to_acc(dz[j]);
-      dx[j] = simd::from_acc<T>(d);
+    const A wj = w != nullptr ? w[j] : A(1);
+    for (int r = 0; r < count; ++r) {
+      const A g = simd::to_acc(dyr[r][j]);
+      const A xh = (simd::to_acc(hr[r][j]) - mu[r]) * rs[r];
+      if (dx != nullptr) {
+        A d = rs[r] * (g * wj - xh * k1[r] - k2[r]);
+        if (dz != nullptr) d += simd::to_acc(dzr[r][j]);
+        dxr[r][j] = simd::from_acc<T>(d);
+      }
+      if (dw_acc != nullptr) dw_acc[j] += g * (round_normalized ? simd::round_scalar_to<T>(xh) : xh);
+      if (db_acc != nullptr) db_acc[j] += g;
     }
-    if (dw_acc != nullptr) dw_acc[j] += g * (round_normalized ? simd::round_scalar_to<T>(xh) : xh);
-    if (db_acc != nullptr) db_acc[j] += g;
   }
 }
 
-// Sums of many rows, the way torch sums (cascade summation): rows are added into level 0; every
-// kFanIn rows level 0 is added into level 1 and cleared, and so on up. The rounding error then grows with
+// The group size as a compile-time constant, so the loop over the group's rows is unrolled and its
+// per-row constants stay in registers.
+template <typename T, bool kRms>
+void backward_rows(int64_t first, int count, int64_t n, const T* dy, const T* dz, const T* h, T* dx,
+                   const acc_t<T>* w, const acc_t<T>* mean, const acc_t<T>* rstd, bool round_normalized,
+                   acc_t<T>* dw_acc, acc_t<T>* db_acc) {
+  static_assert(kRowGroup == 4, "the cases below cover groups of 1 to 4 rows");
+  switch (count) {
+    case 4: return backward_rows_fixed<T, kRms, 4>(first, n, dy, dz, h, dx, w, mean, rstd, round_normalized, dw_acc, db_acc);
+    case 3: return backward_rows_fixed<T, kRms, 3>(first, n, dy, dz, h, dx, w, mean, rstd, round_normalized, dw_acc, db_acc);
+    case 2: return backward_rows_fixed<T, kRms, 2>(first, n, dy, dz, h, dx, w, mean, rstd, round_normalized, dw_acc, db_acc);
+    default: return backward_rows_fixed<T, kRms, 1>(first, n, dy, dz, h, dx, w, mean, rstd, round_normalized, dw_acc, db_acc);
+  }
+}
+
+// Sums of many rows, the way torch sums (cascade summation): rows are added into level 0; once it holds
+// kFanIn rows it is added into level 1 and cleared, and so on up. The rounding error then grows with
 // kFanIn * log(rows) instead of with the number of rows, and the order depends only on the row count.
+// Levels are allocated when first reached, so a chunk of a few rows costs one level.
 template <typename A>
 class CascadeRows {
  public:
   static constexpr int kFanIn = 16;
   static constexpr int kLevels = 6;  // 16^6 rows before the last level takes every row
 
-  explicit CascadeRows(int64_t width) : width_(width), sums_(static_cast<size_t>(width * kLevels), A(0)) {}
+  explicit CascadeRows(int64_t width) : width_(width) { level(0); }
 
-  A* first() { return sums_.data(); }
+  A* first() { return sums_[0].data(); }
 
-  void row_added() {
-    for (int level = 0; level < kLevels - 1 && ++counts_[level] == kFanIn; ++level) {
-      counts_[level] = 0;
-      A* from = sums_.data() + level * width_;
-      A* to = from + width_;
+  // `rows` more rows were added into first().
+  void rows_added(int rows) {
+    counts_[0] += rows;
+    for (int l = 0; l < kLevels - 1 && counts_[l] >= kFanIn; ++l) {
+      counts_[l] = 0;
+      ++counts_[l + 1];
+      A* from = sums_[l].data();
+      A* to = level(l + 1);
       for (int64_t j = 0; j < width_; ++j) {
         to[j] += from[j];
         from[j] = A(0);
@@ -301,22 +348,27 @@ class CascadeRows {
     }
   }
 
-  // The total into out (from the top level down), and everything cleared for the next chunk.
+  // The total into out (from the top level down), and every level cleared for the next chunk.
   void finish(A* out) {
     std::fill(out, out + width_, A(0));
-    for (int level = kLevels - 1; level >= 0; --level) {
-      A* from = sums_.data() + level * width_;
+    for (int l = static_cast<int>(sums_.size()) - 1; l >= 0; --l) {
+      A* from = sums_[l].data();
       for (int64_t j = 0; j < width_; ++j) {
         out[j] += from[j];
         from[j] = A(0);
       }
-      counts_[level] = 0;
+      counts_[l] = 0;
     }
   }
 
  private:
+  A* level(int l) {
+    while (static_cast<int>(sums_.size()) <= l) sums_.emplace_back(static_cast<size_t>(width_), A(0));
+    return sums_[l].data();
+  }
+
   int64_t width_;
-  std::vector<A> sums_;
+  std::vector<std::vector<A>> sums_;
   int counts_[kLevels] = {};
 };
 
@@ -399,9 +451,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor&
     const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(N, 1));
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t off = i * N;
-        backward_row<T, kRms>(dyp + off, dzp ? dzp + off : nullptr, hp + off, dxp + off, N, wp,
-                              kRms ? A(0) : mp[i], sp[i], round_normalized, nullptr, nullptr);
+        backward_rows<T, kRms>(i, 1, N, dyp, dzp, hp, dxp, wp, mp, sp, round_normalized, nullptr, nullptr);
       }
     });
     return;
@@ -415,6 +465,9 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor&
     chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
   }
   const int64_t width = N * (int64_t(want_dw) + int64_t(want_db));
+  // Rows in groups only where the partial rows outgrow L1: below that their loads and stores are
+  // cheap, and one row at a time keeps each row's two passes back to back (faster for narrow rows).
+  const int group = width * static_cast<int64_t>(sizeof(A)) > kGroupAbovePartialBytes ? kRowGroup : 1;
   // Uninitialised: each chunk writes its own partial rows, in parallel.
   std::unique_ptr<A[]> partial(new A[static_cast<size_t>(chunks * width)]);
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
@@ -423,11 +476,10 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor&
       A* dw_acc = want_dw ? cascade.first() : nullptr;
       A* db_acc = want_db ? cascade.first() + (want_dw ? N : 0) : nullptr;
       const int64_t end = std::min(M, (c + 1) * rows_per_chunk);
-      for (int64_t i = c * rows_per_chunk; i < end; ++i) {
-        const int64_t off = i * N;
-        backward_row<T, kRms>(dyp + off, dzp ? dzp + off : nullptr, hp + off, dxp ? dxp + off : nullptr, N,
-                              wp, kRms ? A(0) : mp[i], sp[i], round_normalized, dw_acc, db_acc);
-        cascade.row_added();
+      for (int64_t i = c * rows_per_chunk; i < end; i += group) {
+        const int count = static_cast<int>(std::min<int64_t>(group, end - i));
+        backward_rows<T, kRms>(i, count, N, dyp, dzp, hp, dxp, wp, mp, sp, round_normalized, dw_acc, db_acc);
+        cascade.rows_added(count);
       }
       cascade.finish(partial.get() + c * width);
     }
