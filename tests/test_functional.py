@@ -273,3 +273,20 @@ def test_zero_columns(backend):
     y.sum().backward()
     assert y.shape == (3, 0) and x.grad.shape == (3, 0) and w.grad.shape == (0,)
     assert layernorm.rms_norm(torch.randn(2, 3, 0), (3, 0), backend=backend).shape == (2, 3, 0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA autocast needs a CUDA device"))])
+def test_autocast_policy_is_torchs(device):
+    """Under autocast our ops return what torch's return: float32 on CUDA (torch's fp32 policy for the
+    norms), the input's dtype on CPU (no policy)."""
+    import torch.nn.functional as TF
+
+    x = torch.randn(4, 16, device=device)
+    w = torch.randn(16, device=device)
+    for inp in (x, x.to(torch.bfloat16)):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            ours = layernorm.layer_norm(inp, (16,), w.to(inp.dtype))
+            theirs = TF.layer_norm(inp, (16,), w.to(inp.dtype))
+            assert ours.dtype == theirs.dtype
+            assert layernorm.rms_norm(inp, (16,), w.to(inp.dtype)).dtype == TF.rms_norm(inp, (16,), w.to(inp.dtype)).dtype

@@ -341,3 +341,13 @@ def test_norm_like_names():
             self.conv = nn.Conv1d(2, 2, 1)
 
     assert not registry.is_norm_like(LayerNormConvLayer())
+
+
+def test_norms_inside_torch_transformer_encoder_layers_carry_a_note():
+    # torch's inference fast path for nn.TransformerEncoderLayer reads norm weights itself and never
+    # calls the norm modules: the swap is real for training, and the report says where it is not
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    _, report = patch(layer, return_report=True)
+    assert len(report.swapped) == 2
+    for entry in report.swapped:
+        assert any("_transformer_encoder_layer_fwd" in note for note in entry.notes), entry

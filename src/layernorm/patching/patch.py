@@ -107,6 +107,7 @@ def patch(
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     _check_backend(backend)
     report = PatchReport()
+    bypassed = _bypassed_by_fused_encoder(model)
     planned: List[Tuple[nn.Module, tuple, dict]] = []
     verdicts: Dict[object, verify.Verification] = {}
     for name, module in model.named_modules():
@@ -143,6 +144,8 @@ def patch(
             entry.reason = f"verification failed: {verdict.reason}"
         else:
             planned.append((module, factory, attributes))
+            if id(module) in bypassed:
+                entry.notes.append(_FUSED_ENCODER_NOTE)
         report.entries.append(entry)
 
     if strict and report.left:
@@ -163,6 +166,18 @@ def patch(
             f"layernorm.patch left {len(report.left)} norm module(s) of {type(model).__name__} as they are:\n"
             f"{PatchReport(report.left)}", UserWarning, stacklevel=2)
     return (model, report) if return_report else model
+
+
+_FUSED_ENCODER_NOTE = (
+    "inside nn.TransformerEncoderLayer: in eval mode without autograd torch runs its fused encoder-layer kernel "
+    "(torch._transformer_encoder_layer_fwd), which reads this norm's parameters itself, so there the layer's "
+    "LayerNorm is torch's; in training or with autograd the swapped module runs")
+
+
+def _bypassed_by_fused_encoder(model: nn.Module) -> set:
+    """ids of the norms torch's fused encoder-layer inference path skips (it takes their weights only)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    return {id(norm) for layer in layers for norm in (layer.norm1, layer.norm2)}
 
 
 def _fuse(model: nn.Module, report: PatchReport) -> None:

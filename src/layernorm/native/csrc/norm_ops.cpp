@@ -15,6 +15,7 @@
 #include "output_cache.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/SymIntArrayRef.h>
 #include <torch/csrc/Exceptions.h>
@@ -445,6 +446,45 @@ std::tuple<Tensor, Tensor> add_rms_norm_autograd(const Tensor& input, const Tens
   return {out[0], out[1]};
 }
 
+// ---- autocast ------------------------------------------------------------------------------------------
+//
+// torch's CUDA autocast runs layer_norm and rms_norm in float32 (AT_FORALL_FP32 in ATen/autocast_mode.h):
+// float32 outputs for half inputs. Our ops follow the same policy on CUDA. CPU autocast leaves torch's
+// norms in the input's dtype, and ours too (no CPU registration).
+
+template <typename T>
+T to_float32(const T& arg) {
+  return at::autocast::cached_cast(at::kFloat, arg, c10::DeviceType::CUDA);
+}
+
+Tensor layer_norm_autocast(const Tensor& input, c10::SymIntArrayRef shape, const OptTensor& weight,
+                           const OptTensor& bias, double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  return layer_norm_op().call(to_float32(input), shape, to_float32(weight), to_float32(bias), eps);
+}
+
+Tensor rms_norm_autocast(const Tensor& input, c10::SymIntArrayRef shape, const OptTensor& weight,
+                         std::optional<double> eps, double offset, bool round_normalized) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  return rms_norm_op().call(to_float32(input), shape, to_float32(weight), eps, offset, round_normalized);
+}
+
+std::tuple<Tensor, Tensor> add_layer_norm_autocast(const Tensor& input, const Tensor& residual,
+                                                   c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                   const OptTensor& bias, double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  return add_layer_norm_op().call(to_float32(input), to_float32(residual), shape, to_float32(weight),
+                                  to_float32(bias), eps);
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm_autocast(const Tensor& input, const Tensor& residual,
+                                                 c10::SymIntArrayRef shape, const OptTensor& weight,
+                                                 std::optional<double> eps, double offset, bool round_normalized) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  return add_rms_norm_op().call(to_float32(input), to_float32(residual), shape, to_float32(weight), eps, offset,
+                                round_normalized);
+}
+
 }  // namespace
 
 // ---- registration -----------------------------------------------------------------------------------
@@ -486,6 +526,15 @@ TORCH_LIBRARY_IMPL(layernorm, CPU, m) {
   m.impl("add_rms_norm", add_rms_norm_cpu);
   m.impl("norm_forward", norm_forward_cpu_op);
   m.impl("norm_backward", norm_backward_cpu_op);
+}
+
+TORCH_LIBRARY_IMPL(layernorm, AutocastCUDA, m) {
+  m.impl("layer_norm", layer_norm_autocast);
+  m.impl("rms_norm", rms_norm_autocast);
+  m.impl("add_layer_norm", add_layer_norm_autocast);
+  m.impl("add_rms_norm", add_rms_norm_autocast);
+  m.impl("norm_forward", torch::CppFunction::makeFallthrough());
+  m.impl("norm_backward", torch::CppFunction::makeFallthrough());
 }
 
 TORCH_LIBRARY_IMPL(layernorm, Meta, m) {
