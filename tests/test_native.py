@@ -170,6 +170,25 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(shape, dtype):
 # ---- large outputs ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_streamed_outputs_have_the_bits_of_small_ones(dtype, rms):
+    # Outputs of 32 MiB and more are written with streaming stores; every row must keep the bits it
+    # has when computed in a small tensor (plain stores), in every storage dtype.
+    N = 1024
+    M = (32 << 20) // (N * dtype.itemsize) + 3
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(M, N, generator=g) * 2 + 0.5).to(dtype)
+    w = (torch.randn(N, generator=g) + 1).to(dtype)
+    b = None if rms else torch.randn(N, generator=g).to(dtype)
+    big = FWD(x, None, [N], w, b, 1e-5, rms, 0.0, False)[0]
+    for rows in (slice(0, 7), slice(M // 2, M // 2 + 5), slice(M - 4, M)):
+        small = FWD(x[rows].clone(), None, [N], w, b, 1e-5, rms, 0.0, False)[0]
+        assert torch.equal(big[rows], small), rows
+    del big
+    layernorm.ops.NATIVE.release_output_cache()
+
+
 def test_large_outputs_are_reused_not_refaulted():
     native = layernorm.ops.NATIVE
     native.release_output_cache()

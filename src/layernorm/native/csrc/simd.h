@@ -15,7 +15,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__F16C__)
+#if defined(__SSE2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -132,7 +132,13 @@ inline U16x8 round_to_bf16_bits(Vec<float> v) {
   I32x8 is_nan = (u & 0x7fffffffu) > 0x7f800000u;  // lanes: -1 where NaN
   U32x8 nan_bits = (u & 0u) | 0x7fc0u;
   rounded = is_nan ? nan_bits : rounded;
+#if defined(__AVX2__)
+  // Every lane is below 2^16, so the saturating pack is exact; GCC's generic narrowing is much slower.
+  __m256i r = reinterpret_cast<__m256i>(rounded);
+  return reinterpret_cast<U16x8>(_mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+#else
   return __builtin_convertvector(rounded, U16x8);
+#endif
 }
 
 template <>
@@ -148,6 +154,38 @@ inline void store<c10::Half>(c10::Half* p, Vec<float> v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
 #else
   for (int i = 0; i < 8; ++i) p[i] = static_cast<c10::Half>(v[i]);
+#endif
+}
+
+// Non-temporal (streaming) stores: the write goes to memory without reading the line into the caches
+// first. For outputs far larger than the caches this saves the read-for-ownership a plain store costs.
+// p must be aligned to the stored size (32 bytes for float/double, 16 for bfloat16/float16).
+template <typename T>
+inline void store_stream(T* p, Vec<typename Acc<T>::type> v) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(reinterpret_cast<float*>(p), reinterpret_cast<__m256>(v));
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(reinterpret_cast<double*>(p), reinterpret_cast<__m256d>(v));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i>(round_to_bf16_bits(v)));
+  } else {
+#if defined(__F16C__)
+    __m128i h = _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+#else
+    store<T>(p, v);
+#endif
+  }
+#else
+  store<T>(p, v);
+#endif
+}
+
+// Orders this thread's streaming stores before anything it does next (another thread may read them).
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
 #endif
 }
 
