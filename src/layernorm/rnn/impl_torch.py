@@ -61,6 +61,11 @@ def _input_ln_backward(dA: Tensor, xw: Tensor, g_ih: Tensor, stats: Tensor, bloc
     return cat(dxw).to(xw.dtype), cat(dg).to(g_ih.dtype)
 
 
+def _zeros_like_args(a, names) -> tuple:
+    """The gradients of an empty batch: zeros for every present input (no step ran)."""
+    return tuple(None if getattr(a, n) is None else torch.zeros_like(getattr(a, n)) for n in names)
+
+
 class TorchOps:
     """The contract's four methods in torch ops (see :mod:`layernorm.rnn.contract`)."""
 
@@ -70,6 +75,11 @@ class TorchOps:
     def lstm_forward(a: LSTMArgs, save: bool):
         xw, T, B = a.xw, a.xw.shape[0], a.xw.shape[1]
         H = xw.shape[2] // 4
+        if B == 0:  # nothing to run (and var_mean of empty rows warns)
+            saved = (xw.new_empty(T, 0, 4 * H), xw.new_empty(T, 0, 4 * H), xw.new_empty(T, 0, H),
+                     xw.new_empty(T, 0, 5, dtype=stats_dtype(xw.dtype)))
+            res = (xw.new_empty(T, 0, a.h0.shape[1]), a.h0.clone(), a.c0.clone())
+            return res + saved if save else res
         acc = stats_dtype(xw.dtype)
         live = _running(a.lengths, T, xw.device)
         x_hat, (mean_ih, rstd_ih) = _input_ln(xw, [4 * H], a.eps, acc)
@@ -121,6 +131,9 @@ class TorchOps:
     @staticmethod
     def lstm_backward(a: LSTMArgs, out, hw_hat, gates, cs, stats, dout, dh_n, dc_n):
         T, B, H4 = gates.shape
+        if B == 0:
+            return _zeros_like_args(a, ("xw",)) + (dh_n.clone(), dc_n.clone()) + _zeros_like_args(
+                a, ("w_hh", "ln_hh_weight", "bias", "ln_ih_weight", "ln_cell_weight", "ln_cell_bias", "w_hr"))
         H = H4 // 4
         dt = gates.dtype
         live = _running(a.lengths, T, gates.device)
@@ -198,6 +211,10 @@ class TorchOps:
     def gru_forward(a: GRUArgs, save: bool):
         xw, T, B = a.xw, a.xw.shape[0], a.xw.shape[1]
         H = xw.shape[2] // 3
+        if B == 0:
+            saved = (xw.new_empty(T, 0, 3 * H), xw.new_empty(T, 0, 3 * H), xw.new_empty(T, 0, 6, dtype=stats_dtype(xw.dtype)))
+            res = (xw.new_empty(T, 0, H), a.h0.clone())
+            return res + saved if save else res
         acc = stats_dtype(xw.dtype)
         live = _running(a.lengths, T, xw.device)
         x_hat, (m_ru, r_ru, m_n, r_n) = _input_ln(xw, [2 * H, H], a.eps, acc)
@@ -246,6 +263,9 @@ class TorchOps:
     @staticmethod
     def gru_backward(a: GRUArgs, out, hw_hat, gates, stats, dout, dh_n):
         T, B, H3 = gates.shape
+        if B == 0:
+            return _zeros_like_args(a, ("xw",)) + (dh_n.clone(),) + _zeros_like_args(
+                a, ("w_hh", "ln_hh_weight", "bias_ih", "bias_hh", "ln_ih_weight"))
         H = H3 // 3
         dt = gates.dtype
         live = _running(a.lengths, T, gates.device)

@@ -25,6 +25,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -95,19 +98,53 @@ template <typename T> inline T t_tanh(T x) { return std::tanh(x); }
 template <> inline float t_tanh<float>(float x) { return ftanh(x); }
 template <typename T> inline T t_sigmoid(T x) { return T(1) / (T(1) + t_exp<T>(-x)); }
 
+// Row reductions with four independent vector accumulators. A `simd reduction` loop keeps one
+// vector accumulator, so every add waits for the previous one (4 cycles): perf showed row_stats
+// spending half its time on that chain, ~0.3 us per 1024-wide pass, 3 passes per row and step.
+template <typename T>
+struct Vec {
+  static constexpr int kLanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(32)));
+  static inline type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static inline T sum(type v) {
+    T s = 0;
+    for (int j = 0; j < kLanes; ++j) s += v[j];
+    return s;
+  }
+};
+
+// sum of f(k) for k < n, f(k) a vector of lanes k..k+L-1 (fv) or one element (fs)
+template <typename T, typename FV, typename FS>
+inline T reduce_row(int64_t n, FV fv, FS fs) {
+  using V = Vec<T>;
+  constexpr int L = V::kLanes;
+  typename V::type a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t k = 0;
+  for (; k + 4 * L <= n; k += 4 * L) {
+    a0 += fv(k);
+    a1 += fv(k + L);
+    a2 += fv(k + 2 * L);
+    a3 += fv(k + 3 * L);
+  }
+  for (; k + L <= n; k += L) a0 += fv(k);
+  T s = V::sum((a0 + a1) + (a2 + a3));
+  for (; k < n; ++k) s += fs(k);
+  return s;
+}
+
 // Mean and 1/sqrt(biased var + eps) of v[0:n], two passes (no E[x^2]-E[x]^2 cancellation).
 template <typename T>
 inline void row_stats(const T* v, int64_t n, double eps, T& mean, T& rstd) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += v[k];
+  using V = Vec<T>;
+  const T s = reduce_row<T>(n, [&](int64_t k) { return V::load(v + k); }, [&](int64_t k) { return v[k]; });
   const T m = s / T(n);
-  T q = 0;
-#pragma omp simd reduction(+ : q)
-  for (int64_t k = 0; k < n; ++k) {
-    const T d = v[k] - m;
-    q += d * d;
-  }
+  const T q = reduce_row<T>(
+      n, [&](int64_t k) { auto d = V::load(v + k) - m; return d * d; },
+      [&](int64_t k) { const T d = v[k] - m; return d * d; });
   mean = m;
   rstd = T(1) / std::sqrt(q / T(n) + T(eps));
 }
@@ -115,12 +152,10 @@ inline void row_stats(const T* v, int64_t n, double eps, T& mean, T& rstd) {
 // dx of x_hat = (x - mean) * rstd given g = d x_hat: rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
 template <typename T>
 inline void ln_backward_row(const T* g, const T* xhat, int64_t n, T rstd, T* dx) {
-  T s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-  for (int64_t k = 0; k < n; ++k) {
-    s1 += g[k];
-    s2 += g[k] * xhat[k];
-  }
+  using V = Vec<T>;
+  const T s1 = reduce_row<T>(n, [&](int64_t k) { return V::load(g + k); }, [&](int64_t k) { return g[k]; });
+  const T s2 = reduce_row<T>(n, [&](int64_t k) { return V::load(g + k) * V::load(xhat + k); },
+                             [&](int64_t k) { return g[k] * xhat[k]; });
   const T m1 = s1 / T(n), m2 = s2 / T(n);
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) dx[k] = rstd * (g[k] - m1 - xhat[k] * m2);
@@ -130,17 +165,51 @@ inline void ln_backward_row(const T* g, const T* xhat, int64_t n, T rstd, T* dx)
 // glibc serves them with a fresh mmap and returns them to the OS when freed, so every call
 // page-faults them in again, 4 KiB at a time: perf showed the faults costing as much as the row
 // passes of the forward. Asking for transparent huge pages on the buffer (as PyTorch's own
-// THP_MEM_ALLOC_ENABLE does) before its first touch turns ~500 faults per 2 MiB into one.
-Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  auto t = at::empty(sizes, opts);
+// THP_MEM_ALLOC_ENABLE does) before its first touch turns ~500 faults per 2 MiB into one. Only
+// whole 2 MiB pages inside the buffer are advised; small buffers and kernels without THP are left
+// as they are (madvise then fails harmlessly).
+//
+// `stagger`: the tensor starts `stagger` cache lines into its allocation. The row passes read and
+// write rows of 4H elements of several of these tensors at the same index k; rows whose addresses
+// agree in their low 12 bits make a load wait for an unrelated earlier store (4K aliasing), so each
+// kind of buffer gets its own offset (the scratch rows below likewise).
+Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts, int64_t stagger = 0) {
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  const int64_t line = std::max<int64_t>(1, 64 / int64_t(c10::elementSize(c10::typeMetaToScalarType(opts.dtype()))));
+  auto base = at::empty({numel + stagger * line}, opts);
+  // from_blob with a deleter that owns `base`: the tensor starts at the offset with storage offset 0
+  // (custom-op outputs must match their fake kernels, which know nothing of the offset)
+  char* start = static_cast<char*>(base.data_ptr()) + stagger * line * base.element_size();
+  auto t = stagger == 0 ? base.view(sizes)
+                        : at::from_blob(start, sizes, [base](void*) mutable { base.reset(); }, opts);
 #ifdef MADV_HUGEPAGE
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t hi = lo + t.nbytes();
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(base.data_ptr());
+  const uintptr_t hi = lo + base.nbytes();
   const uintptr_t a = (lo + kHuge - 1) & ~(kHuge - 1), b = hi & ~(kHuge - 1);
-  if (t.nbytes() >= 4 * kHuge && b > a) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
+  if (base.nbytes() >= 4 * kHuge && b > a) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
 #endif
   return t;
+}
+
+// Offsets of per-thread scratch rows of the given lengths, each one cache line further from a
+// 4 KiB boundary than the previous (see empty_big); the last entry is the total.
+inline std::vector<int64_t> scratch_layout(std::initializer_list<int64_t> lengths, int64_t line = 16) {
+  std::vector<int64_t> off{0};
+  int64_t k = 1;
+  for (int64_t n : lengths) off.push_back(off.back() + n + line * k++);
+  return off;
+}
+
+// Software prefetch of [p, p + bytes): the row passes stream a row's worth (4H) of several saved
+// tensors from memory, one row after the other, and perf showed the backward's row pass waiting on
+// those first loads (the instructions after them held 60% of its samples). The next row's lines are
+// requested while this row computes.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < int64_t(n * sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
@@ -190,7 +259,7 @@ void gemm(const Tensor& a, const Tensor& b, Tensor& out, bool accumulate) {
 
 // A new (rows x N) product, in huge pages (the input projection at B = 128 is 52 MB).
 Tensor gemm_new(const Tensor& a, const Tensor& b) {
-  auto out = empty_big({a.size(0), b.size(1)}, a.options());
+  auto out = empty_big({a.size(0), b.size(1)}, a.options(), 4);
   if (a.size(0) == 0 || b.size(1) == 0) return out;
   if (a.size(1) == 0) return out.zero_();
   gemm(a, b, out, false);
@@ -224,7 +293,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 std::atomic<int> g_step_gemm{0};  // 0: brgemm for float32, 1: BLAS (A/B measurement, _set_step_gemm)
-constexpr int64_t kBrgemmN = 64;
+constexpr int64_t kBrgemmN = 1024;  // column blocks per brgemm call (64 to 1024 measured: 1024 fastest, 3%)
 
 template <typename T>
 void naive_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
@@ -275,6 +344,90 @@ void thread_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
   }
 #endif
   blas_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// y[n] = W[n, :K] . x for n in [n0, n1): the step product of a single row (B = 1, and the rows of the
+// column split), on W in its own (N x K) layout, eight rows of W at a time against one x held in
+// registers. brgemm treats one row as a (1 x N) GEMM and ran at about a quarter of the bandwidth
+// of W (9.5 us for half of the H = 256 W_hh per thread; this kernel: see docs/rnn_fast.md), and needs
+// W transposed first.
+template <typename T>
+void gemv_rows(const T* W, int64_t ldw, int64_t n0, int64_t n1, int64_t K, const T* x, T* y) {
+  using V = Vec<T>;
+  constexpr int L = V::kLanes;
+  int64_t n = n0;
+  for (; n + 8 <= n1; n += 8) {
+    const T* w = W + n * ldw;
+    typename V::type a[8] = {};
+    int64_t k = 0;
+    for (; k + L <= K; k += L) {
+      const auto xv = V::load(x + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) a[r] += V::load(w + r * ldw + k) * xv;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      T s = V::sum(a[r]);
+      for (int64_t j = k; j < K; ++j) s += w[r * ldw + j] * x[j];
+      y[n + r] = s;
+    }
+  }
+  for (; n < n1; ++n) {
+    const T* w = W + n * ldw;
+    y[n] = reduce_row<T>(K, [&](int64_t k) { return V::load(w + k) * V::load(x + k); },
+                         [&](int64_t k) { return w[k] * x[k]; });
+  }
+}
+
+// C[:, c0:c1] = A W^T for rows [r0, r1): one GEMV per row on W's own layout.
+template <typename T>
+void thread_gemv(int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t K, const T* A, int64_t lda, const T* W,
+                 T* C, int64_t ldc) {
+  for (int64_t r = r0; r < r1; ++r) gemv_rows(W, K, c0, c1, K, A + r * lda, C + r * ldc);
+}
+
+// dst (K x N) = src (N x K)^T for the rows [n0, n1) of src: brgemm's right operand. torch's
+// w.t().contiguous() took 157 us for the 1 MiB W_hh of H = 256 (as long as 2 steps' row passes);
+// 8 x 8 register tiles, on both threads, are several times faster.
+#ifdef __AVX2__
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + lds), r2 = _mm256_loadu_ps(src + 2 * lds),
+         r3 = _mm256_loadu_ps(src + 3 * lds), r4 = _mm256_loadu_ps(src + 4 * lds),
+         r5 = _mm256_loadu_ps(src + 5 * lds), r6 = _mm256_loadu_ps(src + 6 * lds),
+         r7 = _mm256_loadu_ps(src + 7 * lds);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+         t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+         u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)),
+         u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2)),
+         u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+template <typename T>
+void transpose_rows(const T* src, int64_t N, int64_t K, int64_t n0, int64_t n1, T* dst) {
+  int64_t n = n0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<T, float>) {
+    for (; n + 8 <= n1; n += 8) {
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) transpose8x8(src + n * K + k, K, dst + k * N + n, N);
+      for (; k < K; ++k)
+        for (int64_t j = 0; j < 8; ++j) dst[k * N + n + j] = src[(n + j) * K + k];
+    }
+  }
+#endif
+  for (; n < n1; ++n)
+    for (int64_t k = 0; k < K; ++k) dst[k * N + n] = src[n * K + k];
 }
 
 // The threads of the region, their share of the batch rows and of a GEMM's columns.
@@ -360,30 +513,35 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const OptTensor& lengths, con
                                  const OptTensor& ln_cell_weight, const OptTensor& ln_cell_bias,
                                  const OptTensor& w_hr, const OptTensor& recurrent_mask, const OptTensor& zoneout_h,
                                  const OptTensor& zoneout_c, double eps, bool save) {
+  at::NoGradGuard no_grad;  // called from autograd's backward too; nothing here is differentiated
   const int64_t T = xw.size(0), B = xw.size(1), G = xw.size(2), H = G / 4, R = h0.size(1);
   const bool proj = has(w_hr), cell_norm = has(ln_cell_weight), rec = has(recurrent_mask);
   const bool zh = has(zoneout_h), zc = has(zoneout_c);
   auto opts = xw.options();
-  auto out = empty_big({T, B, R}, opts);
+  auto out = empty_big({T, B, R}, opts, 0);
   auto h = h0.contiguous().clone();
   auto c = c0.contiguous().clone();
   auto hw = at::empty({B, G}, opts);
-  auto wt = w_hh.t().contiguous();                              // (R, 4H): the step GEMM's right operand
-  Tensor wrt = proj ? w_hr->t().contiguous() : Tensor();        // (H, R)
+  const Split split = Split::make(B);
+  // the column split multiplies single rows (gemv_rows, on W's own layout); brgemm wants W^T
+  auto w_hh_c = w_hh.contiguous();
+  Tensor w_hr_c = proj ? w_hr->contiguous() : Tensor();
+  Tensor wt = split.cols ? Tensor() : at::empty({R, G}, opts);          // W_hh^T, filled in the region
+  Tensor wrt = proj && !split.cols ? at::empty({H, R}, opts) : Tensor();  // W_hr^T
   Tensor hin = rec ? h * *recurrent_mask : Tensor();            // (B, R) the GEMM's left operand
   Tensor mbuf = proj ? at::empty({B, H}, opts) : Tensor();      // (B, H) o tanh(LN(c~)) before W_hr
   Tensor htil = proj ? at::empty({B, R}, opts) : Tensor();      // (B, R) its projection
   Tensor bias_c = has(bias) ? bias->contiguous() : at::zeros({G}, opts);
   Tensor hw_hat, gates, cs, stats;
   if (save) {
-    hw_hat = empty_big({T, B, G}, opts);
-    gates = empty_big({T, B, G}, opts);
-    cs = empty_big({T, B, H}, opts);
+    hw_hat = empty_big({T, B, G}, opts, 1);
+    gates = empty_big({T, B, G}, opts, 2);
+    cs = empty_big({T, B, H}, opts, 3);
     stats = at::empty({T, B, 5}, opts);
   }
   const auto L = lengths_vec(lengths, B, T);
-  const Split split = Split::make(B);
-  const int64_t scratch_per_thread = 2 * G + H;
+  const auto sl = scratch_layout({G, G, H});  // hw_hat, gates (inference), c~ (cell zoneout)
+  const int64_t scratch_per_thread = sl.back();
   auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
 
   auto body = [&](auto tag_) {
@@ -397,8 +555,10 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const OptTensor& lengths, con
     const T_* rm_p = ptr_or_null<T_>(recurrent_mask);
     const T_* zh_p = ptr_or_null<T_>(zoneout_h);
     const T_* zc_p = ptr_or_null<T_>(zoneout_c);
-    const T_* wt_p = wt.data_ptr<T_>();
-    const T_* wrt_p = proj ? wrt.data_ptr<T_>() : nullptr;
+    const T_* w_p = w_hh_c.data_ptr<T_>();
+    const T_* wr_p = proj ? w_hr_c.data_ptr<T_>() : nullptr;
+    T_* wt_p = wt.defined() ? wt.data_ptr<T_>() : nullptr;
+    T_* wrt_p = wrt.defined() ? wrt.data_ptr<T_>() : nullptr;
     T_* out_p = out.data_ptr<T_>();
     T_* h_p = h.data_ptr<T_>();
     T_* c_p = c.data_ptr<T_>();
@@ -429,9 +589,9 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const OptTensor& lengths, con
       }
       const T_* hwr = hw_p + b * G;
       const T_* xr = xw_p + tb * G;
-      T_* hh = save ? hh_s + tb * G : scr;
-      T_* ga = save ? ga_s + tb * G : scr + G;
-      T_* ct = zc ? scr + 2 * G : cr;  // c~; without cell zoneout it is the new c, written in place
+      T_* hh = save ? hh_s + tb * G : scr + sl[0];
+      T_* ga = save ? ga_s + tb * G : scr + sl[1];
+      T_* ct = zc ? scr + sl[2] : cr;  // c~; without cell zoneout it is the new c, written in place
       T_ m1, r1, mx, rx;
       row_stats(hwr, G, eps, m1, r1);
       row_stats(xr, G, eps, mx, rx);
@@ -517,9 +677,20 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const OptTensor& lengths, con
       split.pass_rows(id, pr0, pr1);
       split.gemm_cols(id, G, gc0, gc1);
       split.gemm_cols(id, R, pc0, pc1);
+      if (!split.cols) {  // brgemm's operands W^T, each thread a share, then everyone waits for them
+        guard([&] {
+          transpose_rows(w_p, G, R, G * id / split.nt, G * (id + 1) / split.nt, wt_p);
+          if (proj) transpose_rows(wr_p, R, H, R * id / split.nt, R * (id + 1) / split.nt, wrt_p);
+        });
+#pragma omp barrier
+      }
       for (int64_t t = 0; t < T; ++t) {
         guard([&] {  // hw = (h ρ) W_hh^T for this thread's block
-          thread_gemm<T_>(gr1 - gr0, gc1 - gc0, R, a_p + gr0 * R, R, wt_p + gc0, G, hw_p + gr0 * G + gc0, G, false);
+          if (split.cols) {
+            thread_gemv<T_>(gr0, gr1, gc0, gc1, R, a_p, R, w_p, hw_p, G);
+          } else {
+            thread_gemm<T_>(gr1 - gr0, gc1 - gc0, R, a_p + gr0 * R, R, wt_p + gc0, G, hw_p + gr0 * G + gc0, G, false);
+          }
         });
         RNN_BARRIER(split);
         guard([&] {
@@ -528,7 +699,11 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const OptTensor& lengths, con
         if (proj) {
           RNN_BARRIER(split);
           guard([&] {
-            thread_gemm<T_>(gr1 - gr0, pc1 - pc0, H, m_p + gr0 * H, H, wrt_p + pc0, R, ht_p + gr0 * R + pc0, R, false);
+            if (split.cols) {
+              thread_gemv<T_>(gr0, gr1, pc0, pc1, H, m_p, H, wr_p, ht_p, R);
+            } else {
+              thread_gemm<T_>(gr1 - gr0, pc1 - pc0, H, m_p + gr0 * H, H, wrt_p + pc0, R, ht_p + gr0 * R + pc0, R, false);
+            }
             proj_fixup(t, gr0, gr1, pc0, pc1);
           });
         }
@@ -552,22 +727,23 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
                                   const OptTensor& zoneout_h, const OptTensor& zoneout_c, double eps,
                                   const Tensor& out, const Tensor& hw_hat, const Tensor& gates, const Tensor& cs,
                                   const Tensor& stats, const Tensor& dout_in, const Tensor& dh_n, const Tensor& dc_n) {
+  at::NoGradGuard no_grad;  // called from autograd's backward too; nothing here is differentiated
   (void)eps;
   const int64_t T = xw.size(0), B = xw.size(1), G = xw.size(2), H = G / 4, R = h0.size(1);
   const bool proj = has(w_hr), cell_norm = has(ln_cell_weight), rec = has(recurrent_mask);
   const bool zh = has(zoneout_h), zc = has(zoneout_c);
   auto opts = xw.options();
   auto dout = dout_in.contiguous();
-  auto dxw = empty_big({T, B, G}, opts);
-  auto dhw = empty_big({T, B, G}, opts);
+  auto dxw = empty_big({T, B, G}, opts, 5);
+  auto dhw = empty_big({T, B, G}, opts, 6);
   auto dh = dh_n.contiguous().clone();                          // dL/dh_t carried back, (B, R)
   auto dc = dc_n.contiguous().clone();                          // dL/dc_t carried back, (B, H)
   auto direct = at::empty({B, R}, opts);                        // the part of dL/dh_{t-1} that bypasses W_hh
   auto w_hh_c = w_hh.contiguous();                              // (4H, R): dh_{t-1} = dhw_t W_hh
   Tensor w_hr_c = proj ? w_hr->contiguous() : Tensor();         // (R, H): dm = dh~ W_hr
   Tensor dm = proj ? at::empty({B, H}, opts) : Tensor();
-  Tensor dht_all = proj ? empty_big({T, B, R}, opts) : Tensor();  // dL/dh~_t, for dW_hr
-  Tensor m_all = proj ? empty_big({T, B, H}, opts) : Tensor();    // m_t recomputed, for dW_hr
+  Tensor dht_all = proj ? empty_big({T, B, R}, opts, 7) : Tensor();  // dL/dh~_t, for dW_hr
+  Tensor m_all = proj ? empty_big({T, B, H}, opts, 8) : Tensor();    // m_t recomputed, for dW_hr
   Tensor sgemm = rec ? at::empty({B, R}, opts) : Tensor();
   auto acc_g = at::zeros({B, G}, opts);                         // per-row sums: deterministic for any split
   auto acc_b = at::zeros({B, G}, opts);
@@ -577,7 +753,8 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
   auto c0_c = c0.contiguous();
   const auto L = lengths_vec(lengths, B, T);
   const Split split = Split::make(B);
-  const int64_t scratch_per_thread = 5 * H + 3 * G;
+  const auto sl = scratch_layout({H, H, H, H, H, G, G, G});
+  const int64_t scratch_per_thread = sl.back();
   auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
 
   auto body = [&](auto tag_) {
@@ -637,6 +814,17 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
       }
     };
 
+    auto prefetch = [&](int64_t t, int64_t b) {
+      if (t < 0 || t >= L[b]) return;
+      const int64_t tb = t * B + b;
+      prefetch_row(xw_p + tb * G, G);
+      prefetch_row(hh_p + tb * G, G);
+      prefetch_row(ga_p + tb * G, G);
+      prefetch_row(cs_p + tb * H, H);
+      if (t > 0) prefetch_row(cs_p + (tb - B) * H, H);
+      prefetch_row(do_p + tb * R, R);
+    };
+
     auto row = [&](int64_t t, int64_t b, T_* scr) {
       const int64_t tb = t * B + b;
       T_* dxr = dxw_p + tb * G;
@@ -649,14 +837,14 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
         if (proj) std::memset(mall_p + tb * H, 0, H * sizeof(T_));
         return;
       }
-      T_* dmr = scr;              // dL/dm (H)
-      T_* dch = dmr + H;          // d c~ from the output path (H)
-      T_* dov = dch + H;          // d o after activation (H)
-      T_* tcb = dov + H;          // tanh(LN(c~)) (H)
-      T_* ctb = tcb + H;          // c~ under cell zoneout (H)
-      T_* dA = ctb + H;           // gate pre-activation gradient (4H)
-      T_* dhh = dA + G;           // d hw_hat, then d of the input LN's x_hat (4H)
-      T_* xih = dhh + G;          // the input LN's x_hat (4H)
+      T_* dmr = scr + sl[0];      // dL/dm (H)
+      T_* dch = scr + sl[1];      // d c~ from the output path (H)
+      T_* dov = scr + sl[2];      // d o after activation (H)
+      T_* tcb = scr + sl[3];      // tanh(LN(c~)) (H)
+      T_* ctb = scr + sl[4];      // c~ under cell zoneout (H)
+      T_* dA = scr + sl[5];       // gate pre-activation gradient (4H)
+      T_* dhh = scr + sl[6];      // d hw_hat, then d of the input LN's x_hat (4H)
+      T_* xih = scr + sl[7];      // the input LN's x_hat (4H)
       const T_* ga = ga_p + tb * G;
       const T_* hh = hh_p + tb * G;
       const T_* st = st_p + tb * 5;
@@ -711,12 +899,11 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
           abc[k] += dpre;
           dch[k] = dpre * wc_p[k];
         }
-        T_ s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-        for (int64_t k = 0; k < H; ++k) {
-          s1 += dch[k];
-          s2 += dch[k] * ((ct[k] - m2) * r2);
-        }
+        using V = Vec<T_>;
+        const T_ s1 = reduce_row<T_>(H, [&](int64_t k) { return V::load(dch + k); }, [&](int64_t k) { return dch[k]; });
+        const T_ s2 = reduce_row<T_>(
+            H, [&](int64_t k) { return V::load(dch + k) * ((V::load(ct + k) - m2) * r2); },
+            [&](int64_t k) { return dch[k] * ((ct[k] - m2) * r2); });
         const T_ mm1 = s1 / T_(H), mm2 = s2 / T_(H);
 #pragma omp simd
         for (int64_t k = 0; k < H; ++k) dch[k] = r2 * (dch[k] - mm1 - (ct[k] - m2) * r2 * mm2);
@@ -811,7 +998,10 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
           RNN_BARRIER(split);
         }
         guard([&] {
-          for (int64_t b = pr0; b < pr1; ++b) row(t, b, scr);
+          for (int64_t b = pr0; b < pr1; ++b) {
+            if (b + 1 < pr1) prefetch(t, b + 1); else prefetch(t - 1, pr0);
+            row(t, b, scr);
+          }
         });
         RNN_BARRIER(split);
         guard([&] { dh_gemm(t, gr0, gr1, rc0, rc1); });
@@ -848,13 +1038,16 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const OptTensor& lengths, cons
                                 const Tensor& g_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
                                 const Tensor& g_ih, const OptTensor& recurrent_mask, const OptTensor& zoneout_h,
                                 double eps, bool save) {
+  at::NoGradGuard no_grad;  // called from autograd's backward too; nothing here is differentiated
   const int64_t T = xw.size(0), B = xw.size(1), G = xw.size(2), H = G / 3, H2 = 2 * H;
   const bool rec = has(recurrent_mask), zh = has(zoneout_h);
   auto opts = xw.options();
-  auto out = empty_big({T, B, H}, opts);
+  auto out = empty_big({T, B, H}, opts, 0);
   auto h = h0.contiguous().clone();
   auto hw = at::empty({B, G}, opts);
-  auto wt = w_hh.t().contiguous();                              // (H, 3H)
+  const Split split = Split::make(B);
+  auto w_hh_c = w_hh.contiguous();
+  Tensor wt = split.cols ? Tensor() : at::empty({H, G}, opts);  // W_hh^T, filled in the region (column split: gemv_rows)
   Tensor hin = rec ? h * *recurrent_mask : Tensor();
   // b_ih and b_hh add up everywhere except b_hh's candidate slice, which sits inside r * (.)
   auto bx = at::zeros({G}, opts);
@@ -866,13 +1059,13 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const OptTensor& lengths, cons
   }
   Tensor hw_hat, gates, stats;
   if (save) {
-    hw_hat = empty_big({T, B, G}, opts);
-    gates = empty_big({T, B, G}, opts);
+    hw_hat = empty_big({T, B, G}, opts, 1);
+    gates = empty_big({T, B, G}, opts, 2);
     stats = at::empty({T, B, 6}, opts);
   }
   const auto L = lengths_vec(lengths, B, T);
-  const Split split = Split::make(B);
-  const int64_t scratch_per_thread = 2 * G;
+  const auto sl = scratch_layout({G, G});  // hw_hat, gates (inference)
+  const int64_t scratch_per_thread = sl.back();
   auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
 
   auto body = [&](auto tag_) {
@@ -884,7 +1077,8 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const OptTensor& lengths, cons
     const T_* bn_p = bn.data_ptr<T_>();
     const T_* rm_p = ptr_or_null<T_>(recurrent_mask);
     const T_* zh_p = ptr_or_null<T_>(zoneout_h);
-    const T_* wt_p = wt.data_ptr<T_>();
+    const T_* w_p = w_hh_c.data_ptr<T_>();
+    T_* wt_p = wt.defined() ? wt.data_ptr<T_>() : nullptr;
     T_* out_p = out.data_ptr<T_>();
     T_* h_p = h.data_ptr<T_>();
     T_* hw_p = hw.data_ptr<T_>();
@@ -908,8 +1102,8 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const OptTensor& lengths, cons
       }
       const T_* hwr = hw_p + b * G;
       const T_* xr = xw_p + tb * G;
-      T_* hh = save ? hh_s + tb * G : scr;
-      T_* ga = save ? ga_s + tb * G : scr + G;
+      T_* hh = save ? hh_s + tb * G : scr + sl[0];
+      T_* ga = save ? ga_s + tb * G : scr + sl[1];
       T_ ma, ra, mb, rb, mxa, rxa, mxb, rxb;
       row_stats(hwr, H2, eps, ma, ra);
       row_stats(hwr + H2, H, eps, mb, rb);
@@ -956,9 +1150,17 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const OptTensor& lengths, cons
       split.gemm_rows(id, gr0, gr1);
       split.pass_rows(id, pr0, pr1);
       split.gemm_cols(id, G, gc0, gc1);
+      if (!split.cols) {
+        guard([&] { transpose_rows(w_p, G, H, G * id / split.nt, G * (id + 1) / split.nt, wt_p); });
+#pragma omp barrier
+      }
       for (int64_t t = 0; t < T; ++t) {
         guard([&] {
-          thread_gemm<T_>(gr1 - gr0, gc1 - gc0, H, a_p + gr0 * H, H, wt_p + gc0, G, hw_p + gr0 * G + gc0, G, false);
+          if (split.cols) {
+            thread_gemv<T_>(gr0, gr1, gc0, gc1, H, a_p, H, w_p, hw_p, G);
+          } else {
+            thread_gemm<T_>(gr1 - gr0, gc1 - gc0, H, a_p + gr0 * H, H, wt_p + gc0, G, hw_p + gr0 * G + gc0, G, false);
+          }
         });
         RNN_BARRIER(split);
         guard([&] {
@@ -981,13 +1183,14 @@ std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, con
                                  const Tensor& g_ih, const OptTensor& recurrent_mask, const OptTensor& zoneout_h,
                                  double eps, const Tensor& out, const Tensor& hw_hat, const Tensor& gates,
                                  const Tensor& stats, const Tensor& dout_in, const Tensor& dh_n) {
+  at::NoGradGuard no_grad;  // called from autograd's backward too; nothing here is differentiated
   (void)eps;
   const int64_t T = xw.size(0), B = xw.size(1), G = xw.size(2), H = G / 3, H2 = 2 * H;
   const bool rec = has(recurrent_mask), zh = has(zoneout_h);
   auto opts = xw.options();
   auto dout = dout_in.contiguous();
-  auto dxw = empty_big({T, B, G}, opts);
-  auto dhw = empty_big({T, B, G}, opts);
+  auto dxw = empty_big({T, B, G}, opts, 5);
+  auto dhw = empty_big({T, B, G}, opts, 6);
   auto dh = dh_n.contiguous().clone();
   auto direct = at::empty({B, H}, opts);
   auto w_hh_c = w_hh.contiguous();                              // (3H, H)
@@ -1001,7 +1204,8 @@ std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, con
   auto h0_c = h0.contiguous();
   const auto L = lengths_vec(lengths, B, T);
   const Split split = Split::make(B);
-  const int64_t scratch_per_thread = 3 * G;
+  const auto sl = scratch_layout({G, G, G});
+  const int64_t scratch_per_thread = sl.back();
   auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
 
   auto body = [&](auto tag_) {
@@ -1041,9 +1245,9 @@ std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, con
         std::memcpy(dir, dhc, H * sizeof(T_));  // dh passes the frozen state untouched
         return;
       }
-      T_* dA = scr;          // gate pre-activation gradient (3H)
-      T_* dhh = dA + G;      // d hw_hat; then d of the input LN's x_hat (3H)
-      T_* xih = dhh + G;     // the input LN's x_hat (3H)
+      T_* dA = scr + sl[0];   // gate pre-activation gradient (3H)
+      T_* dhh = scr + sl[1];  // d hw_hat; then d of the input LN's x_hat (3H)
+      T_* xih = scr + sl[2];  // the input LN's x_hat (3H)
       const T_* ga = ga_p + tb * G;
       const T_* hh = hh_p + tb * G;
       const T_* st = st_p + tb * 6;
