@@ -348,6 +348,19 @@ def _print_tables(doc: dict) -> None:
         console.print(t)
 
 
+def _print_spread(spread: dict, n: int) -> None:
+    """One line per shape and provider: the ratio to torch in each process, their median and range."""
+    print(f"ratio to torch across {n} processes: median [min, max] (each process)")
+    for section, rows in spread.items():
+        for r in rows:
+            shape = " ".join(f"{g}={r[g]}" for g in ("mode", "H", "B") if g in r)
+            for k in ("fwd", "fwd_bwd", "step"):
+                if f"{k}_ratio_median" in r:
+                    each = ", ".join(f"{v:.2f}" for v in r[f"{k}_ratios"] if v is not None)
+                    print(f"  {section:8s} {shape:18s} {r['provider']:20s} {k:8s} {r[f'{k}_ratio_median']:.3f} "
+                          f"[{r[f'{k}_ratio_min']:.3f}, {r[f'{k}_ratio_max']:.3f}]  ({each})")
+
+
 def _across_processes(runs: List[dict]) -> dict:
     """Per shape and provider: every process's ratio, their median, min and max."""
     out: Dict[str, list] = {}
@@ -471,8 +484,14 @@ def main(argv: Optional[Sequence[str]] = None, *, allow_reexec: bool = False) ->
     backend = rnn.resolved_backend(None, device, torch.float32)
     runs = []
     if args.processes > 1:
-        child = [a for a in argv if not a.startswith("--processes")]
-        child = [a for k, a in enumerate(child) if not (k > 0 and child[k - 1] == "--processes")]
+        child, skip = [], False
+        for a in argv:  # the children run the same cases, one process each
+            if skip:
+                skip = False
+            elif a == "--processes":
+                skip = True
+            elif not a.startswith("--processes="):
+                child.append(a)
         for k in range(args.processes):
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "run.json")
@@ -489,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None, *, allow_reexec: bool = False) ->
         doc = _run_cases(args, device)
     _print_tables(doc)
     if args.processes > 1:
-        print(json.dumps(doc["across_processes"], indent=1))
+        _print_spread(doc["across_processes"], args.processes)
 
     custom = (bool(args.sizes or args.batches or args.cases or args.reps) or args.modes.upper() != "LSTM,GRU"
               or (args.providers is not None and not args.gpu_case))

@@ -212,6 +212,7 @@ inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t off = 0; off < int64_t(n * sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
+
 inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 template <typename T>
@@ -428,6 +429,52 @@ void transpose_rows(const T* src, int64_t N, int64_t K, int64_t n0, int64_t n1, 
 #endif
   for (; n < n1; ++n)
     for (int64_t k = 0; k < K; ++k) dst[k * N + n] = src[n * K + k];
+}
+
+// The end of the LSTM backward's row pass, for one row of G = 4H gate gradients dA:
+//   dhw = LN_backward(dA * g_hh; x_hat = hh, rstd_hh),  dxw = LN_backward(dA * g_ih; x_hat = (xw - mx) rx, rx)
+//   ag += dA * hh, ab += dA, agi += dA * x_hat_ih  (this row's sums of d ln_hh_weight, d bias, d ln_ih_weight)
+// in two passes: one for the four sums (and y = dA * g, x_hat_ih kept in y_hh, y_ih, xih), one for the outputs.
+template <typename T>
+void lstm_gate_backward(int64_t G, const T* dA, const T* hh, const T* xr, T mx, T rx, const T* g_hh, const T* g_ih,
+                        T* ag, T* ab, T* agi, T* y_hh, T* xih, T rstd_hh, T* dhw, T* dxw) {
+  using V = Vec<T>;
+  using VT = typename V::type;
+  constexpr int L = V::kLanes;
+  VT s1 = {}, s2 = {}, s3 = {}, s4 = {};
+  T* y_ih = xih + G;  // the caller's scratch holds 2G here
+  auto store = [](T* p, VT v) { std::memcpy(p, &v, sizeof(v)); };
+  int64_t k = 0;
+  for (; k + L <= G; k += L) {
+    const VT a = V::load(dA + k), h = V::load(hh + k), xh = (V::load(xr + k) - mx) * rx;
+    store(ag + k, V::load(ag + k) + a * h);
+    store(ab + k, V::load(ab + k) + a);
+    store(agi + k, V::load(agi + k) + a * xh);
+    const VT y1 = a * V::load(g_hh + k), y2 = a * V::load(g_ih + k);
+    store(y_hh + k, y1);
+    store(y_ih + k, y2);
+    store(xih + k, xh);
+    s1 += y1;
+    s2 += y1 * h;
+    s3 += y2;
+    s4 += y2 * xh;
+  }
+  T t1 = V::sum(s1), t2 = V::sum(s2), t3 = V::sum(s3), t4 = V::sum(s4);
+  for (; k < G; ++k) {
+    const T a = dA[k], h = hh[k], xh = (xr[k] - mx) * rx;
+    ag[k] += a * h;
+    ab[k] += a;
+    agi[k] += a * xh;
+    const T y1 = a * g_hh[k], y2 = a * g_ih[k];
+    y_hh[k] = y1, y_ih[k] = y2, xih[k] = xh;
+    t1 += y1, t2 += y1 * h, t3 += y2, t4 += y2 * xh;
+  }
+  const T m1 = t1 / T(G), m2 = t2 / T(G), m3 = t3 / T(G), m4 = t4 / T(G);
+#pragma omp simd
+  for (int64_t j = 0; j < G; ++j) {
+    dhw[j] = rstd_hh * (y_hh[j] - m1 - hh[j] * m2);
+    dxw[j] = rx * (y_ih[j] - m3 - xih[j] * m4);
+  }
 }
 
 // The threads of the region, their share of the batch rows and of a GEMM's columns.
@@ -745,15 +792,18 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
   Tensor dht_all = proj ? empty_big({T, B, R}, opts, 7) : Tensor();  // dL/dh~_t, for dW_hr
   Tensor m_all = proj ? empty_big({T, B, H}, opts, 8) : Tensor();    // m_t recomputed, for dW_hr
   Tensor sgemm = rec ? at::empty({B, R}, opts) : Tensor();
-  auto acc_g = at::zeros({B, G}, opts);                         // per-row sums: deterministic for any split
-  auto acc_b = at::zeros({B, G}, opts);
-  auto acc_gi = at::zeros({B, G}, opts);
-  auto acc_wc = at::zeros({B, H}, opts);
-  auto acc_bc = at::zeros({B, H}, opts);
   auto c0_c = c0.contiguous();
   const auto L = lengths_vec(lengths, B, T);
   const Split split = Split::make(B);
-  const auto sl = scratch_layout({H, H, H, H, H, G, G, G});
+  // Per-thread sums of the parameter gradients over the thread's rows and all steps, added up in
+  // thread order at the end: deterministic for a given thread count. (Per-row sums, (B, 4H) each,
+  // did not stay in L2 next to W_hh.)
+  auto acc_g = at::zeros({split.nt, G}, opts);
+  auto acc_b = at::zeros({split.nt, G}, opts);
+  auto acc_gi = at::zeros({split.nt, G}, opts);
+  auto acc_wc = at::zeros({split.nt, H}, opts);
+  auto acc_bc = at::zeros({split.nt, H}, opts);
+  const auto sl = scratch_layout({H, H, H, H, H, G, G, 2 * G});
   const int64_t scratch_per_thread = sl.back();
   auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
 
@@ -825,7 +875,7 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
       prefetch_row(do_p + tb * R, R);
     };
 
-    auto row = [&](int64_t t, int64_t b, T_* scr) {
+    auto row = [&](int64_t t, int64_t b, T_* scr, int id) {
       const int64_t tb = t * B + b;
       T_* dxr = dxw_p + tb * G;
       T_* dhr = dhw_p + tb * G;
@@ -844,7 +894,7 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
       T_* ctb = scr + sl[4];      // c~ under cell zoneout (H)
       T_* dA = scr + sl[5];       // gate pre-activation gradient (4H)
       T_* dhh = scr + sl[6];      // d hw_hat, then d of the input LN's x_hat (4H)
-      T_* xih = scr + sl[7];      // the input LN's x_hat (4H)
+      T_* xih = scr + sl[7];      // the input LN's x_hat (4H), then dA g_ih (4H)
       const T_* ga = ga_p + tb * G;
       const T_* hh = hh_p + tb * G;
       const T_* st = st_p + tb * 5;
@@ -883,8 +933,8 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
       }
       if (cell_norm) {
         const T_ m2 = st[1], r2 = st[2];
-        T_* awc = awc_p + b * H;
-        T_* abc = abc_p + b * H;
+        T_* awc = awc_p + id * H;
+        T_* abc = abc_p + id * H;
         // three loops where one would do: as one `simd reduction` loop that also stored four arrays
         // and called tanh, it ran scalar (docs/rnn_fast.md, "scalar loops")
 #pragma omp simd
@@ -944,27 +994,12 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
           dcc[k] = dcv * gf[k];
         }
       }
-      T_* ag = ag_p + b * G;
-      T_* ab = ab_p + b * G;
-#pragma omp simd
-      for (int64_t k = 0; k < G; ++k) {
-        ag[k] += dA[k] * hh[k];
-        ab[k] += dA[k];
-        dhh[k] = dA[k] * g_p[k];
-      }
-      ln_backward_row(dhh, hh, G, st[0], dhr);
-      // back through the input LN: dA is the gradient of LN(xw) g_ih
-      const T_* xr = xw_p + tb * G;
-      const T_ mx = st[3], rx = st[4];
-      T_* agi = agi_p + b * G;
-#pragma omp simd
-      for (int64_t k = 0; k < G; ++k) {
-        const T_ xh = (xr[k] - mx) * rx;
-        xih[k] = xh;
-        agi[k] += dA[k] * xh;
-        dhh[k] = dA[k] * gi_p[k];
-      }
-      ln_backward_row(dhh, xih, G, rx, dxr);
+      // Both layer-norm backwards of dA in two passes over 4H: the recurrent one (gain g_hh, x_hat =
+      // hw_hat) and the input one (gain g_ih, x_hat recomputed from xw), with the parameter
+      // gradients' row sums. Written as eight passes (two per LN backward's sums, one each for its
+      // output, one each for the accumulations), the row pass waited on its loads of the saved rows.
+      lstm_gate_backward(G, dA, hh, xw_p + tb * G, st[3], st[4], g_p, gi_p, ag_p + id * G, ab_p + id * G,
+                         agi_p + id * G, dhh, xih, st[0], dhr, dxr);
     };
 
     // dh_{t-1} = direct + (dhw_t W_hh) rho for a block of (rows, R columns)
@@ -1000,7 +1035,7 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
         guard([&] {
           for (int64_t b = pr0; b < pr1; ++b) {
             if (b + 1 < pr1) prefetch(t, b + 1); else prefetch(t - 1, pr0);
-            row(t, b, scr);
+            row(t, b, scr, id);
           }
         });
         RNN_BARRIER(split);
@@ -1195,15 +1230,15 @@ std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, con
   auto direct = at::empty({B, H}, opts);
   auto w_hh_c = w_hh.contiguous();                              // (3H, H)
   Tensor sgemm = rec ? at::empty({B, H}, opts) : Tensor();
-  auto acc_g = at::zeros({B, G}, opts);
-  auto acc_b = at::zeros({B, G}, opts);                         // d b_ih
-  auto acc_bn = at::zeros({B, H}, opts);                        // d b_hh[2H:]
-  auto acc_gi = at::zeros({B, G}, opts);
   auto bn = at::zeros({H}, opts);
   if (has(bias_hh)) bn.copy_(bias_hh->narrow(0, H2, H));
   auto h0_c = h0.contiguous();
   const auto L = lengths_vec(lengths, B, T);
   const Split split = Split::make(B);
+  auto acc_g = at::zeros({split.nt, G}, opts);                   // per-thread sums, as in lstm_backward
+  auto acc_b = at::zeros({split.nt, G}, opts);                   // d b_ih
+  auto acc_bn = at::zeros({split.nt, H}, opts);                  // d b_hh[2H:]
+  auto acc_gi = at::zeros({split.nt, G}, opts);
   const auto sl = scratch_layout({G, G, G});
   const int64_t scratch_per_thread = sl.back();
   auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
@@ -1233,7 +1268,7 @@ std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, con
     T_* abn_p = acc_bn.data_ptr<T_>();
     T_* agi_p = acc_gi.data_ptr<T_>();
 
-    auto row = [&](int64_t t, int64_t b, T_* scr) {
+    auto row = [&](int64_t t, int64_t b, T_* scr, int id) {
       const int64_t tb = t * B + b;
       T_* dxr = dxw_p + tb * G;
       T_* dhr = dhw_p + tb * G;
@@ -1254,8 +1289,8 @@ std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, con
       const T_* hp = t > 0 ? out_p + (tb - B) * H : h0_p + b * H;
       const T_* dor = do_p + tb * H;
       const T_* z = zh ? zh_p + tb * H : nullptr;
-      T_* ag = ag_p + b * G;
-      T_* abn = abn_p + b * H;
+      T_* ag = ag_p + id * G;
+      T_* abn = abn_p + id * H;
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) {
         const T_ r = ga[k], u = ga[H + k], n = ga[H2 + k];
@@ -1279,13 +1314,13 @@ std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, con
       }
       ln_backward_row(dhh, hh, H2, st[0], dhr);
       ln_backward_row(dhh + H2, hh + H2, H, st[1], dhr + H2);
-      T_* ab = ab_p + b * G;
+      T_* ab = ab_p + id * G;
 #pragma omp simd
       for (int64_t k = 0; k < G; ++k) ab[k] += dA[k];
       // back through the input LN, one block (r,u: 2H; n: H) at a time. One loop per block: with the
       // block choice inside the loop (k < 2H ? ...), it ran scalar (docs/rnn_fast.md)
       const T_* xr = xw_p + tb * G;
-      T_* agi = agi_p + b * G;
+      T_* agi = agi_p + id * G;
       for (int blk = 0; blk < 2; ++blk) {
         const int64_t k0 = blk == 0 ? 0 : H2, k1 = blk == 0 ? H2 : G;
         const T_ mean = st[2 + 2 * blk], rstd = st[3 + 2 * blk];
@@ -1321,7 +1356,7 @@ std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, con
       split.gemm_cols(id, H, hc0, hc1);
       for (int64_t t = T - 1; t >= 0; --t) {
         guard([&] {
-          for (int64_t b = pr0; b < pr1; ++b) row(t, b, scr);
+          for (int64_t b = pr0; b < pr1; ++b) row(t, b, scr, id);
         });
         RNN_BARRIER(split);
         guard([&] { dh_gemm(t, gr0, gr1, hc0, hc1); });
