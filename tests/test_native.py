@@ -248,21 +248,21 @@ def test_forked_child_still_works():
 
 
 def test_a_new_process_loads_without_building():
-    """The build of this environment is found and loaded: no announcement, well under a second."""
+    """The build of this environment is found and loaded as it is: no announcement, no file rewritten."""
+    library = loader._library(loader.build_folder())
+    before = {p: p.stat().st_mtime_ns for p in library.parent.iterdir()}
     out = _python(
         """
-        import time, torch
-        t = time.perf_counter()
+        import torch
         import layernorm
         layernorm.layer_norm(torch.randn(1, 768), (768,))
-        print(time.perf_counter() - t, layernorm.ops.NATIVE is not None)
+        print(layernorm.ops.NATIVE is not None)
         """
     )
     assert out.returncode == 0, out.stderr
-    seconds, native = out.stdout.split()
-    assert native == "True"
+    assert out.stdout.split() == ["True"]
     assert "building" not in out.stderr
-    assert float(seconds) < 1.0, f"import layernorm + first call took {seconds} s"
+    assert {p: p.stat().st_mtime_ns for p in library.parent.iterdir()} == before
 
 
 # ---- the build -------------------------------------------------------------------------------------------

@@ -285,7 +285,8 @@ def test_fused_residual_gives_equal_logits_and_losses(family):
     inputs = model_inputs(family, ref, "tiny")
     rtol, atol = MODEL_LOGITS_FP32
     torch.testing.assert_close(_logits(model, inputs), _logits(ref, inputs), rtol=rtol, atol=atol)
-    assert_close(_train(model, inputs)[0], _train(ref, inputs)[0], "bwd")
+    rtol, atol = TRAINING_LOSSES_FP32  # five AdamW steps amplify rounding differences (see the table)
+    torch.testing.assert_close(_train(model, inputs)[0], _train(ref, inputs)[0], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])

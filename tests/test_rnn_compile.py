@@ -1,8 +1,8 @@
 """torch.compile(fullgraph=True) of LayerNormLSTM / LayerNormGRU through the recurrence custom ops.
 
-Under torch.compile, ``rnn_fast.lstm_recurrence`` / ``gru_recurrence`` call
-``layernorm::{lstm,gru}_recurrence_fwd`` (and their ``_bwd`` in the backward graph) instead of the
-autograd.Function around the pybind C++ calls, which dynamo cannot trace. Checked here: no graph
+Under torch.compile, ``layernorm.rnn.lstm_recurrence`` / ``gru_recurrence`` call
+``layernorm::{lstm,gru}_recurrence`` (and ``..._recurrence_backward`` in the backward graph) instead of
+the autograd.Function around the pybind C++ calls, which dynamo cannot trace. Checked here: no graph
 break, one op per layer and direction in the forward and the backward graph, outputs, final states
 and every gradient equal to eager (aot_eager and inductor on CPU), the inference path, and
 ``torch.library.opcheck`` of the four ops (schema, fake kernels, autograd registration).
@@ -16,29 +16,34 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 
 from layernorm import LayerNormGRU, LayerNormLSTM
-from layernorm.nn import rnn_fast
+from layernorm import rnn
+from layernorm.rnn import dispatch
 
 from tolerances import assert_close
 
 IN, H, B, T = 3, 4, 2, 5
 
-CPP = rnn_fast.cpp_extension_available()
-IMPLS = ["cpp", "torch"] if CPP else ["torch"]
+IMPLS = (["cpp"] if dispatch.native() is not None else []) + ["torch"]
 
 
-def _model(mode: str, dtype=torch.float32):
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+
+
+def _model(mode: str, dtype=torch.float32, **kw):
     torch.manual_seed(0)
     if mode == "LSTM":
-        m = LayerNormLSTM(IN, H, num_layers=2, bidirectional=True, batch_first=True, cell_norm=True)
+        m = LayerNormLSTM(IN, H, num_layers=2, bidirectional=True, batch_first=True, cell_norm=True, **kw)
     else:
-        m = LayerNormGRU(IN, H, num_layers=2, bidirectional=True, batch_first=True)
-    return m.to(dtype)
+        m = LayerNormGRU(IN, H, num_layers=2, bidirectional=True, batch_first=True, **kw)
+    return m.to(dtype).eval() if kw else m.to(dtype)
 
 
-def _inputs(mode: str, dtype=torch.float32):
+def _inputs(mode: str, dtype=torch.float32, R=H):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, IN, generator=g, dtype=dtype)
-    h0 = torch.randn(4, B, H, generator=g, dtype=dtype)
+    h0 = torch.randn(4, B, R, generator=g, dtype=dtype)
     hx = (h0, torch.randn(4, B, H, generator=g, dtype=dtype)) if mode == "LSTM" else h0
     return x, hx
 
@@ -102,8 +107,18 @@ def test_fullgraph_ops_in_graphs(mode):
     compiled = torch.compile(model, fullgraph=True, backend=rec.backend())
     _compare(mode, compiled, model, x, hx)
     op = mode.lower() + "_recurrence"
-    assert rec.count(op + "_fwd") == [4, 0]
-    assert rec.count(op + "_bwd") == [0, 4]
+    assert rec.count(op) == [4, 0]
+    assert rec.count(op + "_backward") == [0, 4]
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_fullgraph_with_the_regularizers_and_projection(mode):
+    """proj_size and zoneout (evaluation form: deterministic) through the ops, against eager."""
+    torch._dynamo.reset()
+    kw = dict(zoneout=0.2, zoneout_cell=0.3, proj_size=2) if mode == "LSTM" else dict(zoneout=0.2)
+    model = _model(mode, **kw)
+    x, hx = _inputs(mode, R=2 if mode == "LSTM" else H)
+    _compare(mode, torch.compile(model, fullgraph=True, backend="aot_eager"), model, x, hx)
 
 
 def test_explain_no_graph_break():
@@ -118,7 +133,7 @@ def test_explain_no_graph_break():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_aot_eager_matches_eager(mode, impl, monkeypatch):
-    monkeypatch.setenv("LAYERNORM_RNN_IMPL", impl)
+    monkeypatch.setenv(dispatch.ENV, impl)
     torch._dynamo.reset()
     model = _model(mode)
     x, hx = _inputs(mode)
@@ -148,31 +163,38 @@ def test_inference_no_grad(mode):
     for a, b in zip(fin_c if mode == "LSTM" else [fin_c], fin_e if mode == "LSTM" else [fin_e]):
         assert_close(a, b)
     op = mode.lower() + "_recurrence"
-    assert rec.count(op + "_fwd") == [4]
+    assert rec.count(op) == [4]
     saves = [n.args[-2] for n in rec.graphs[0].graph.nodes
-             if n.op == "call_function" and n.target is getattr(torch.ops.layernorm, op + "_fwd").default]
+             if n.op == "call_function" and n.target is getattr(torch.ops.layernorm, op).default]
     assert saves == [False] * 4
 
 
-def test_compile_before_any_eager_call(monkeypatch):
-    """A fresh process compiles before running eagerly: the fast module is imported when the layer
-    is built, not while dynamo traces forward (an import there is a graph break)."""
-    from layernorm.nn import rnn
+_FRESH_SCRIPT = r"""
+import torch
+from layernorm import LayerNormLSTM
+torch.manual_seed(0)
+m = LayerNormLSTM(3, 4, num_layers=2, batch_first=True)
+x = torch.randn(2, 5, 3)
+out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)[0]   # before any eager call
+torch.testing.assert_close(out, m(x)[0])
+print("fresh-ok")
+"""
 
-    monkeypatch.setattr(rnn, "_FAST", [])
-    torch._dynamo.reset()
-    model = _model("LSTM")
-    x, hx = _inputs("LSTM")
-    out, (h_n, c_n) = torch.compile(model, fullgraph=True, backend="aot_eager")(x, hx)
-    out_e, (h_e, c_e) = model(x, hx)
-    assert_close(out, out_e)
-    assert_close(h_n, h_e)
+
+def test_compile_before_any_eager_call():
+    """A fresh process compiles before running eagerly: the backend is resolved (and the extension
+    loaded) while tracing, without a graph break (fullgraph=True would raise)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _FRESH_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "fresh-ok" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
 
 
 _TRITON_SCRIPT = r"""
 import os
 os.environ["TRITON_INTERPRET"] = "1"
-os.environ["LAYERNORM_RNN_IMPL"] = "triton"
+os.environ["LAYERNORM_RNN_BACKEND"] = "triton"
 import torch
 from layernorm import LayerNormGRU, LayerNormLSTM
 for M in (LayerNormLSTM, LayerNormGRU):
@@ -188,24 +210,24 @@ for M in (LayerNormLSTM, LayerNormGRU):
         torch.testing.assert_close(a, b)
 g = torch.Generator().manual_seed(0)
 r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True)
-torch.library.opcheck(torch.ops.layernorm.lstm_recurrence_fwd.default, (
-    r(3, 2, 16), torch.tensor([3, 1]), r(2, 4), r(2, 4), r(16, 4), r(16), r(16), r(4), r(4), None,
-    1e-5, True, True, "triton"))
-torch.library.opcheck(torch.ops.layernorm.gru_recurrence_fwd.default, (
-    r(3, 2, 12), None, r(2, 4), r(12, 4), r(12), r(12), r(12), None, 1e-5, True, "triton"))
+torch.library.opcheck(torch.ops.layernorm.lstm_recurrence.default, (
+    r(3, 2, 16), torch.tensor([3, 1]), r(2, 2), r(2, 4), r(16, 2), r(16), r(16), r(16), r(4), r(4), r(2, 4),
+    None, None, None, 1e-5, True, "triton"))
+torch.library.opcheck(torch.ops.layernorm.gru_recurrence.default, (
+    r(3, 2, 12), None, r(2, 4), r(12, 4), r(12), r(12), r(12), r(12), None, None, 1e-5, True, "triton"))
 print("triton-ok")
 """
 
 
 def test_triton_impl_under_compile_interpreted():
-    """impl="triton" through the ops, on CPU tensors under Triton's interpreter (a subprocess: the
+    """backend="triton" through the ops, on CPU tensors under Triton's interpreter (a subprocess: the
     interpreter must be chosen before triton is first imported)."""
     pytest.importorskip("triton")
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, TRITON_INTERPRET="1", LAYERNORM_RNN_IMPL="triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", LAYERNORM_RNN_BACKEND="triton")
     res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "triton-ok" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
@@ -223,7 +245,7 @@ def test_padded_lengths_under_compile():
     lengths = torch.tensor([T, 2])
 
     def f(xw, w, gh, gi, lengths):
-        return rnn_fast.lstm_recurrence(xw, lengths, h0, c0, w, gh, None, wc, bc, 1e-5, True, ln_ih_weight=gi)
+        return rnn.lstm_recurrence(xw, lengths, h0, c0, w, gh, None, gi, wc, bc)
 
     res_c = torch.compile(f, fullgraph=True, backend="aot_eager")(xw, w, gh, gi, lengths)
     res_e = f(xw, w, gh, gi, lengths)
@@ -241,75 +263,73 @@ def test_padded_lengths_under_compile():
 # opcheck of the ops themselves
 
 
-def _lstm_args(impl, dtype, with_lengths, with_gih, grad=True, save=None):
+def _lstm_args(impl, dtype, with_lengths, options, grad=True, save=None):
     g = torch.Generator().manual_seed(3)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
     t, b, h = 3, 3, 4
-    xw, h0, c0 = r(t, b, 4 * h), r(b, h), r(b, h)
-    w, gh, bias = r(4 * h, h) / 2, 1 + r(4 * h) / 4, r(4 * h) / 4
+    p = 2 if options else h
+    xw, h0, c0 = r(t, b, 4 * h), r(b, p), r(b, h)
+    w, gh, bias, gi = r(4 * h, p) / 2, 1 + r(4 * h) / 4, r(4 * h) / 4, 1 + r(4 * h) / 4
     wc, bc = 1 + r(h) / 4, r(h) / 4
-    gi = 1 + r(4 * h) / 4 if with_gih else None
-    for v in (xw, h0, c0, w, gh, bias, wc, bc, gi):
+    w_hr = r(p, h) / 2 if options else None
+    for v in (xw, h0, c0, w, gh, bias, gi, wc, bc, w_hr):
         if v is not None:
             v.requires_grad_(grad)
+    rec = (torch.rand(b, p, generator=g) < 0.7).to(dtype) / 0.7 if options else None
+    zh = (torch.rand(t, b, p, generator=g) < 0.3).to(dtype) if options else None
+    zc = (torch.rand(t, b, h, generator=g) < 0.3).to(dtype) if options else None
     lengths = torch.tensor([3, 0, 2]) if with_lengths else None
-    return (xw, lengths, h0, c0, w, gh, bias, wc, bc, gi, 1e-5, True, grad if save is None else save, impl)
+    return (xw, lengths, h0, c0, w, gh, bias, gi, wc, bc, w_hr, rec, zh, zc, 1e-5, grad if save is None else save, impl)
 
 
-def _gru_args(impl, dtype, with_lengths, with_gih, grad=True, save=None):
+def _gru_args(impl, dtype, with_lengths, options, grad=True, save=None):
     g = torch.Generator().manual_seed(4)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
     t, b, h = 3, 3, 4
     xw, h0 = r(t, b, 3 * h), r(b, h)
-    w, gh, bih, bhh = r(3 * h, h) / 2, 1 + r(3 * h) / 4, r(3 * h) / 4, r(3 * h) / 4
-    gi = 1 + r(3 * h) / 4 if with_gih else None
+    w, gh, bih, bhh, gi = r(3 * h, h) / 2, 1 + r(3 * h) / 4, r(3 * h) / 4, r(3 * h) / 4, 1 + r(3 * h) / 4
     for v in (xw, h0, w, gh, bih, bhh, gi):
-        if v is not None:
-            v.requires_grad_(grad)
+        v.requires_grad_(grad)
+    rec = (torch.rand(b, h, generator=g) < 0.7).to(dtype) / 0.7 if options else None
+    zh = (torch.rand(t, b, h, generator=g) < 0.3).to(dtype) if options else None
     lengths = torch.tensor([3, 0, 2]) if with_lengths else None
-    return (xw, lengths, h0, w, gh, bih, bhh, gi, 1e-5, grad if save is None else save, impl)
+    return (xw, lengths, h0, w, gh, bih, bhh, gi, rec, zh, 1e-5, grad if save is None else save, impl)
 
 
 _CASES = [
-    (impl, dtype, lens, gih)
+    (impl, dtype, lens, options)
     for impl in IMPLS
     for dtype in (torch.float64, torch.float32)
     for lens in (False, True)
-    for gih in ((False, True) if impl == "cpp" else (False,))  # only cpp takes g_ih (fuses the input LN)
+    for options in (False, True)
 ]
 
 
 def _case_id(c):
-    impl, dtype, lens, gih = c
-    return f"{impl}-{str(dtype)[6:]}-{'len' if lens else 'nolen'}-{'gih' if gih else 'nogih'}"
+    impl, dtype, lens, options = c
+    return f"{impl}-{str(dtype)[6:]}-{'len' if lens else 'nolen'}-{'options' if options else 'plain'}"
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("case", _CASES, ids=_case_id)
-def test_opcheck_fwd(mode, case):
+def test_opcheck_forward(mode, case):
     args = (_lstm_args if mode == "lstm" else _gru_args)(*case)
-    torch.library.opcheck(getattr(torch.ops.layernorm, f"{mode}_recurrence_fwd").default, args)
+    torch.library.opcheck(getattr(torch.ops.layernorm, f"{mode}_recurrence").default, args)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("case", [c for c in _CASES if c[1] == torch.float64], ids=_case_id)
-def test_opcheck_fwd_inference_and_bwd(mode, case):
+def test_opcheck_inference_and_backward(mode, case):
     """The forward op with save=False, and the backward op on the saved tensors of a forward."""
-    fwd = getattr(torch.ops.layernorm, f"{mode}_recurrence_fwd").default
-    bwd = getattr(torch.ops.layernorm, f"{mode}_recurrence_bwd").default
+    fwd = getattr(torch.ops.layernorm, f"{mode}_recurrence").default
+    bwd = getattr(torch.ops.layernorm, f"{mode}_recurrence_backward").default
     make = _lstm_args if mode == "lstm" else _gru_args
     torch.library.opcheck(fwd, make(*case, grad=False))
     args = make(*case, grad=False, save=True)
     res = fwd(*args)
     g = torch.Generator().manual_seed(5)
-    if mode == "lstm":
-        xw, lengths, h0, c0, w, gh, bias, wc, bc, gi, eps, cell_norm, save, impl = args
-        out, hn, cn, saved = res[0], res[1], res[2], list(res[3:])
-        grads = [torch.randn(v.shape, generator=g, dtype=v.dtype) for v in (out, hn, cn)]
-        bargs = (*grads, lengths, h0, c0, w, gh, wc, bc, out, saved, xw if gi is not None else None, gi, cell_norm, impl)
-    else:
-        xw, lengths, h0, w, gh, bih, bhh, gi, eps, save, impl = args
-        out, hn, saved = res[0], res[1], list(res[2:])
-        grads = [torch.randn(v.shape, generator=g, dtype=v.dtype) for v in (out, hn)]
-        bargs = (*grads, lengths, h0, w, gh, bhh, out, saved, xw if gi is not None else None, gi, impl)
+    n_in = 15 if mode == "lstm" else 11  # the contract's arguments, eps included
+    n_out = 3 if mode == "lstm" else 2
+    grads = [torch.randn(v.shape, generator=g, dtype=v.dtype) for v in res[:n_out]]
+    bargs = (*args[:n_in], res[0], *res[n_out:], *grads, args[-1])
     torch.library.opcheck(bwd, bargs, test_utils=("test_schema", "test_faketensor"))

@@ -1,38 +1,42 @@
-"""``layernorm bench --rnn``: layer-normalized LSTM/GRU against nn.LSTM/nn.GRU and a naive loop.
+"""``layernorm bench --rnn``: the layer-normalized LSTM/GRU against ``nn.LSTM``/``nn.GRU``, side by side.
 
-Providers, per cell type (LSTM, GRU):
+Three cases, each timed with the providers of a shape interleaved call by call in one process (so a
+drifting load hits them alike); ``ratio`` is a provider's median over ``nn.LSTM``/``nn.GRU``'s median
+in the same shape, the speed to aim at (not the same maths: no normalization).
 
-- ``layernorm``: :class:`~layernorm.nn.LayerNormLSTM` / ``LayerNormGRU`` with the default backend
-  (the fast recurrence when ``layernorm.nn.rnn_fast`` imports, else the reference; its implementation,
-  e.g. ``triton`` on CUDA, is recorded as ``recurrence_impl`` in the JSON);
-- ``layernorm-torch-ops`` (opt-in): the same with ``LAYERNORM_RNN_IMPL=torch``, the per-step torch-ops
-  recurrence (about 15 launches per step on CUDA): the "before" of the fused Triton kernel;
-- ``reference``: the same modules with ``backend="reference"`` (Python loop, autograd backward);
-- ``naive``: what one writes by hand: ``nn.Linear`` + ``nn.LayerNorm`` called step by step
-  (:class:`NaiveLNLSTM`, :class:`NaiveLNGRU` below), the input projection inside the loop;
-- ``torch``: ``nn.LSTM`` / ``nn.GRU`` (no normalization: the speed to aim at, not the same maths).
+``layers`` (``results``)
+    One layer, T = 100, batch B in {1, 32, 128}, input = hidden = H in {256, 512}, float32: forward
+    under ``no_grad`` (inference) and forward+backward (loss = output.sum()). Providers:
+    ``layernorm`` (:class:`layernorm.LayerNormLSTM` / ``LayerNormGRU``, default backend),
+    ``layernorm-torch-ops`` (``backend="torch"``, opt-in), ``reference`` (``backend="reference"``:
+    the Python loop with autograd), ``naive`` (``nn.Linear`` + ``nn.LayerNorm`` called step by step,
+    :class:`NaiveLNLSTM`) and ``torch``. Memory: CUDA peak allocated during forward+backward; CPU
+    bytes autograd saves for backward in one forward (distinct storages, no parameters).
+``charlm``
+    A whole character-level language-model training step, B = 32, T = 100: embedding (vocabulary
+    128, width 64) -> 1-layer LSTM, H = 512 -> linear -> cross-entropy -> Adam step, with
+    ``LayerNormLSTM`` (``layernorm``) or ``nn.LSTM`` (``torch``) as the LSTM.
+``long``
+    One long sequence, T = 5000, B = 1, H = 256: inference and forward+backward time, and the
+    training memory, ``layernorm`` against ``torch``.
 
-Shapes: T = 100 time steps, batch B in {1, 32, 128}, input = hidden = H in {256, 512}, float32.
-``--gpu-case``: the one GPU shape of the fused-kernel issue, T = 256, B = 64, I = H = 512, with the
-providers ``layernorm``, ``layernorm-torch-ops`` and ``torch`` (cuDNN) unless ``--providers`` is given.
-Measured: forward (no grad) and forward+backward (loss = output.sum()), median ms (min kept as
-``*_min_ms``), the providers of a shape interleaved call by call so drifting load on a shared machine
-hits them alike; ``ratio`` is the time over the ``torch`` provider's in the same shape. Memory: on
-CUDA the peak allocated during forward+backward above what was allocated before; on CPU (where allocator statistics are not
-available) the bytes of the tensors autograd saves for backward in one forward, counted once per
-storage and without parameters: the "training memory" of the layer. Tensors a custom autograd
-function keeps outside ``save_for_backward`` are not seen by that count.
+``--processes N`` runs the cases in N fresh processes one after the other and reports each one's
+numbers and, per shape, the median and the range of the ratio across them: on a shared VM
+``nn.LSTM`` itself runs in a fast or a slow mode from process to process (docs/rnn_fast.md).
 
-``--quick`` uses T = 25, H = 64, B in {1, 16} and few repeats (under 30 s on 2 idle cores) and writes
-``rnn-<device>-quick.json`` so it never overwrites a full run's ``rnn-<device>.json``.
+``--quick`` (T = 25, H = 64, B in {1, 16}, few repeats, only ``layers``) writes
+``rnn-<device>-quick.json`` so it never overwrites a full run's ``rnn-<device>.json``. Uses only
+the package's public names.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -41,14 +45,13 @@ from torch import Tensor, nn
 
 from ._malloc import malloc_state, maybe_reexec
 from ._machine import describe_machine
-from ._timing import TimerConfig, time_interleaved, timing_method
 
 __all__ = ["main", "NaiveLNLSTM", "NaiveLNGRU", "saved_tensor_bytes"]
 
 PROVIDERS = ("layernorm", "layernorm-torch-ops", "reference", "naive", "torch")
 DEFAULT_PROVIDERS = ("layernorm", "reference", "naive", "torch")
 GPU_CASE_PROVIDERS = ("layernorm", "layernorm-torch-ops", "torch")
-_IMPL_ENV = "LAYERNORM_RNN_IMPL"
+CASES = ("layers", "charlm", "long")
 
 
 class NaiveLNLSTM(nn.Module):
@@ -106,14 +109,14 @@ class NaiveLNGRU(nn.Module):
 
 
 def _build(mode: str, provider: str, H: int, device: torch.device) -> nn.Module:
-    from layernorm.nn import LayerNormGRU, LayerNormLSTM
+    from layernorm import LayerNormGRU, LayerNormLSTM
 
     f = {"device": device, "dtype": torch.float32}
     if provider == "torch":
         return (nn.LSTM if mode == "LSTM" else nn.GRU)(H, H, **f)
     if provider == "naive":
         return (NaiveLNLSTM if mode == "LSTM" else NaiveLNGRU)(H, H, **f)
-    backend = "reference" if provider == "reference" else None
+    backend = {"reference": "reference", "layernorm-torch-ops": "torch"}.get(provider)
     return (LayerNormLSTM if mode == "LSTM" else LayerNormGRU)(H, H, backend=backend, **f)
 
 
@@ -138,56 +141,62 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: Sequence[Tensor] = ())
     return sum(seen.values())
 
 
-@contextlib.contextmanager
-def _impl_env(provider: str):
-    """``layernorm-torch-ops``: LAYERNORM_RNN_IMPL=torch while it is measured, restored afterwards."""
-    if provider != "layernorm-torch-ops":
-        yield
-        return
-    old = os.environ.get(_IMPL_ENV)
-    os.environ[_IMPL_ENV] = "torch"
+# ---------------------------------------------------------------- timing
+
+
+def _interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2,
+                 budget_s: Optional[float] = None) -> Dict[str, List[float]]:
+    """ms of each call: one call of every provider per round, the order rotating; gc off while timing.
+
+    ``reps`` rounds, fewer when ``budget_s`` (per provider) runs out first (at least 5)."""
+    import gc
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    names = list(fns)
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
     try:
-        yield
+        slowest = 0.0
+        for k in names:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                fns[k]()
+            sync()
+            slowest = max(slowest, (time.perf_counter() - t0) / max(warmup, 1))
+        if budget_s is not None and slowest > 0:
+            reps = int(min(reps, max(5, budget_s / slowest)))
+        for r in range(reps):
+            for j in range(len(names)):
+                k = names[(r + j) % len(names)]
+                sync()
+                t0 = time.perf_counter()
+                fns[k]()
+                sync()
+                times[k].append((time.perf_counter() - t0) * 1e3)
     finally:
-        if old is None:
-            del os.environ[_IMPL_ENV]
-        else:
-            os.environ[_IMPL_ENV] = old
+        if was:
+            gc.enable()
+    return times
 
 
-def _recurrence_impl(device: torch.device) -> str:
-    """Name of the implementation the ``layernorm`` provider's recurrence runs for float32 on ``device``."""
-    from layernorm.nn import rnn_fast
-
-    impl = rnn_fast._pick_impl(None, torch.empty(0, device=device))
-    return {"_TorchImpl": "torch", "_TritonImpl": "triton"}.get(getattr(impl, "__name__", ""), "cpp")
-
-
-def _recurrence_gemm(impl: Optional[str]) -> Optional[str]:
-    """GEMM library of the C++ recurrence for float32 ("onednn" or "mkl"); None for other implementations."""
-    if impl != "cpp":
-        return None
-    from layernorm.nn import rnn_fast
-
-    return rnn_fast._load_ext().gemm_library()
+def _summary(ms: List[float]) -> dict:
+    """median, min and the 10th/90th percentiles (the spread) of a list of ms."""
+    s = sorted(ms)
+    q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]  # noqa: E731
+    return {"median_ms": statistics.median(s), "min_ms": s[0], "p10_ms": q(0.1), "p90_ms": q(0.9), "reps": len(s)}
 
 
-def _with_env(provider: str, fn: Callable[[], object]) -> Callable[[], object]:
-    def call():
-        with _impl_env(provider):
-            return fn()
-    return call
+# ---------------------------------------------------------------- the cases
 
 
-def _measure_shape(mode: str, providers: Sequence[str], H: int, B: int, T: int, device: torch.device,
-                   cfg: TimerConfig) -> List[dict]:
-    """One row per provider for one shape. The providers' calls are interleaved (see
-    :func:`time_interleaved`), forward first, then forward+backward."""
+def _layer_shape(mode, providers, H, B, T, device, reps, budget_s) -> List[dict]:
     fwd, fwd_bwd, rows = {}, {}, {}
     for provider in providers:
-        with _impl_env(provider):
-            torch.manual_seed(0)
-            model = _build(mode, provider, H, device)
+        torch.manual_seed(0)
+        model = _build(mode, provider, H, device)
         x = torch.randn(T, B, H, device=device)
         xg = x.clone().requires_grad_(True)
         params = list(model.parameters())
@@ -202,56 +211,218 @@ def _measure_shape(mode: str, providers: Sequence[str], H: int, B: int, T: int, 
             model.zero_grad(set_to_none=True)
             xg.grad = None
 
-        fwd[provider], fwd_bwd[provider] = _with_env(provider, f), _with_env(provider, fb)
+        fwd[provider], fwd_bwd[provider] = f, fb
         row = {"mode": mode, "provider": provider, "H": H, "B": B, "T": T}
-        with _impl_env(provider):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                fb()
-                torch.cuda.synchronize(device)
-                row["memory_bytes"] = torch.cuda.max_memory_allocated(device) - base
-                row["memory_kind"] = "cuda peak allocated during fwd+bwd above baseline"
-            else:
-                row["memory_bytes"] = saved_tensor_bytes(lambda: model(xg)[0], exclude=params)
-                row["memory_kind"] = "bytes saved for backward by one forward (distinct storages, no parameters)"
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fb()
+            torch.cuda.synchronize(device)
+            row["memory_bytes"] = torch.cuda.max_memory_allocated(device) - base
+            row["memory_kind"] = "cuda peak allocated during fwd+bwd above baseline"
+        else:
+            row["memory_bytes"] = saved_tensor_bytes(lambda: model(xg)[0], exclude=params)
+            row["memory_kind"] = "bytes saved for backward by one forward (distinct storages, no parameters)"
         rows[provider] = row
-    for key, fns in (("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)):
-        for provider, timing in time_interleaved(fns, device, cfg).items():
-            rows[provider][key] = timing.median_ms
-            rows[provider][key.replace("_ms", "_min_ms")] = timing.min_ms
+    for key, fns in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        for provider, ms in _interleaved(fns, device, reps, budget_s=budget_s).items():
+            for k, v in _summary(ms).items():
+                rows[provider][f"{key}_{k}"] = v
     return [rows[p] for p in providers]
 
 
-def _add_ratios(rows: List[dict]) -> None:
-    base = {(r["mode"], r["H"], r["B"]): r for r in rows if r["provider"] == "torch"}
+class _CharLM(nn.Module):
+    def __init__(self, rnn: nn.Module, vocab: int, emb: int, hidden: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb)
+        self.rnn = rnn
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.rnn(self.emb(tokens))[0])
+
+
+def _charlm(device, reps, budget_s, B=32, T=100, vocab=128, emb=64, H=512) -> List[dict]:
+    """Whole training steps of the same char-LM with LayerNormLSTM and with nn.LSTM as its LSTM."""
+    from layernorm import LayerNormLSTM
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (B, T + 1), generator=g).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    steps, rows = {}, {}
+    for provider, cls in (("layernorm", LayerNormLSTM), ("torch", nn.LSTM)):
+        torch.manual_seed(0)
+        model = _CharLM(cls(emb, H, batch_first=True, device=device), vocab, emb, H).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
+            loss.backward()
+            opt.step()
+
+        steps[provider] = step
+        rows[provider] = {"case": "charlm", "provider": provider, "B": B, "T": T, "vocab": vocab, "embedding": emb,
+                          "H": H, "optimizer": "Adam"}
+    for provider, ms in _interleaved(steps, device, reps, budget_s=budget_s).items():
+        rows[provider].update({f"step_{k}": v for k, v in _summary(ms).items()})
+    return list(rows.values())
+
+
+def _long(device, reps, budget_s, T=5000, B=1, H=256) -> List[dict]:
+    """One long sequence: inference and training time, training memory."""
+    from layernorm import LayerNormLSTM
+
+    rows, fwd, fwd_bwd = {}, {}, {}
+    for provider, cls in (("layernorm", LayerNormLSTM), ("torch", nn.LSTM)):
+        torch.manual_seed(0)
+        model = cls(H, H, device=device)
+        x = torch.randn(T, B, H, device=device)
+        xg = x.clone().requires_grad_(True)
+
+        def f(model=model, x=x):
+            with torch.no_grad():
+                return model(x)
+
+        def fb(model=model, xg=xg):
+            model(xg)[0].sum().backward()
+            model.zero_grad(set_to_none=True)
+            xg.grad = None
+
+        fwd[provider], fwd_bwd[provider] = f, fb
+        rows[provider] = {"case": "long", "provider": provider, "T": T, "B": B, "H": H,
+                          "memory_bytes": saved_tensor_bytes(lambda: model(xg)[0], exclude=list(model.parameters())),
+                          "memory_kind": "bytes saved for backward by one forward (distinct storages, no parameters)"}
+    for key, fns in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        for provider, ms in _interleaved(fns, device, reps, budget_s=budget_s).items():
+            rows[provider].update({f"{key}_{k}": v for k, v in _summary(ms).items()})
+    return list(rows.values())
+
+
+def _add_ratios(rows: List[dict], keys: Sequence[str], group: Sequence[str]) -> None:
+    base = {tuple(r.get(g) for g in group): r for r in rows if r["provider"] == "torch"}
     for r in rows:
-        b = base.get((r["mode"], r["H"], r["B"]))
-        for k in ("fwd", "fwd_bwd"):
-            r[f"{k}_ratio"] = (r[f"{k}_ms"] / b[f"{k}_ms"]) if b and b[f"{k}_ms"] > 0 else None
+        b = base.get(tuple(r.get(g) for g in group))
+        for k in keys:
+            ok = b is not None and b.get(f"{k}_median_ms", 0) > 0
+            r[f"{k}_ratio"] = r[f"{k}_median_ms"] / b[f"{k}_median_ms"] if ok else None
 
 
-def _print_table(rows: List[dict], title: str) -> None:
+# ---------------------------------------------------------------- output
+
+
+def _print_tables(doc: dict) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # rich is a dependency, but keep the numbers visible without it
-        for r in rows:
-            print(r)
+        print(json.dumps(doc, indent=1))
         return
-    table = Table(title=title)
-    for col in ("cell", "H", "B", "provider", "fwd ms", "x torch", "fwd+bwd ms", "x torch", "memory MiB"):
-        table.add_column(col, justify="left" if col in ("cell", "provider") else "right")
-    ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for r in rows:
-        table.add_row(
-            r["mode"], str(r["H"]), str(r["B"]), r["provider"], f"{r['fwd_ms']:.2f}", ratio(r["fwd_ratio"]),
-            f"{r['fwd_bwd_ms']:.2f}", ratio(r["fwd_bwd_ratio"]), f"{r['memory_bytes'] / 2**20:.1f}",
-        )
     console = Console()
-    console.width = max(console.width, 110)  # keep provider names whole in narrow terminals
-    console.print(table)
+    console.width = max(console.width, 120)
+    ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    spread = lambda r, k: f"{r[k + '_median_ms']:.2f} [{r[k + '_p10_ms']:.2f}, {r[k + '_p90_ms']:.2f}]"  # noqa: E731
+    if doc.get("results"):
+        t = Table(title=f"one layer, T={doc['T']}, float32: median ms [p10, p90]; x torch = ratio of medians")
+        for col in ("cell", "H", "B", "provider", "fwd ms", "x torch", "fwd+bwd ms", "x torch", "memory MiB"):
+            t.add_column(col, justify="left" if col in ("cell", "provider") else "right")
+        for r in doc["results"]:
+            t.add_row(r["mode"], str(r["H"]), str(r["B"]), r["provider"], spread(r, "fwd"), ratio(r["fwd_ratio"]),
+                      spread(r, "fwd_bwd"), ratio(r["fwd_bwd_ratio"]), f"{r['memory_bytes'] / 2**20:.1f}")
+        console.print(t)
+    if doc.get("charlm"):
+        t = Table(title="char-LM training step (embedding 64 -> LSTM H=512 -> linear -> cross-entropy -> Adam), B=32, T=100")
+        for col in ("provider", "step ms", "x torch"):
+            t.add_column(col)
+        for r in doc["charlm"]:
+            t.add_row(r["provider"], spread(r, "step"), ratio(r["step_ratio"]))
+        console.print(t)
+    if doc.get("long"):
+        t = Table(title="one long sequence: T=5000, B=1, H=256")
+        for col in ("provider", "fwd ms", "x torch", "fwd+bwd ms", "x torch", "memory MiB"):
+            t.add_column(col)
+        for r in doc["long"]:
+            t.add_row(r["provider"], spread(r, "fwd"), ratio(r["fwd_ratio"]), spread(r, "fwd_bwd"),
+                      ratio(r["fwd_bwd_ratio"]), f"{r['memory_bytes'] / 2**20:.1f}")
+        console.print(t)
+
+
+def _print_spread(spread: dict, n: int) -> None:
+    """One line per shape and provider: the ratio to torch in each process, their median and range."""
+    print(f"ratio to torch across {n} processes: median [min, max] (each process)")
+    for section, rows in spread.items():
+        for r in rows:
+            shape = " ".join(f"{g}={r[g]}" for g in ("mode", "H", "B") if g in r)
+            for k in ("fwd", "fwd_bwd", "step"):
+                if f"{k}_ratio_median" in r:
+                    each = ", ".join(f"{v:.2f}" for v in r[f"{k}_ratios"] if v is not None)
+                    print(f"  {section:8s} {shape:18s} {r['provider']:20s} {k:8s} {r[f'{k}_ratio_median']:.3f} "
+                          f"[{r[f'{k}_ratio_min']:.3f}, {r[f'{k}_ratio_max']:.3f}]  ({each})")
+
+
+def _across_processes(runs: List[dict]) -> dict:
+    """Per shape and provider: every process's ratio, their median, min and max."""
+    out: Dict[str, list] = {}
+    for section, keys, group in (("results", ("fwd", "fwd_bwd"), ("mode", "H", "B")),
+                                 ("charlm", ("step",), ()), ("long", ("fwd", "fwd_bwd"), ())):
+        table: Dict[tuple, dict] = {}
+        for run in runs:
+            for r in run.get(section) or []:
+                if r["provider"] == "torch":
+                    continue
+                key = tuple(r.get(g) for g in group) + (r["provider"],)
+                entry = table.setdefault(key, {**{g: r.get(g) for g in group}, "provider": r["provider"]})
+                for k in keys:
+                    entry.setdefault(f"{k}_ratios", []).append(r.get(f"{k}_ratio"))
+                    entry.setdefault(f"{k}_ms", []).append(r.get(f"{k}_median_ms"))
+        for entry in table.values():
+            for k in keys:
+                vals = [v for v in entry[f"{k}_ratios"] if v is not None]
+                if vals:
+                    entry[f"{k}_ratio_median"] = statistics.median(vals)
+                    entry[f"{k}_ratio_min"], entry[f"{k}_ratio_max"] = min(vals), max(vals)
+        out[section] = list(table.values())
+    return out
+
+
+def _run_cases(args, device: torch.device) -> dict:
+    providers = [s.strip() for s in (args.providers or ",".join(
+        GPU_CASE_PROVIDERS if args.gpu_case else DEFAULT_PROVIDERS)).split(",") if s.strip()]
+    modes = [s.strip().upper() for s in args.modes.split(",") if s.strip()]
+    cases = [s.strip() for s in (args.cases or ("layers" if args.quick or args.gpu_case else ",".join(CASES))).split(",")
+             if s.strip()]
+    T = 100
+    if args.quick:
+        T, sizes, batches, reps, budget = 25, [64], [1, 16], 10, 0.05
+    elif args.gpu_case:
+        T, sizes, batches, reps, budget = 256, [512], [64], 30, 1.0
+    else:
+        sizes, batches, reps, budget = [256, 512], [1, 32, 128], 30, 1.5
+    if args.sizes:
+        sizes = [int(v) for v in args.sizes.split(",")]
+    if args.batches:
+        batches = [int(v) for v in args.batches.split(",")]
+    if args.reps:
+        reps = args.reps
+    doc: dict = {"T": T, "cases": cases, "providers": providers, "modes": modes}
+    t0 = time.perf_counter()
+    if "layers" in cases:
+        rows: List[dict] = []
+        for mode in modes:
+            for H in sizes:
+                for B in batches:
+                    rows.extend(_layer_shape(mode, providers, H, B, T, device, reps, budget))
+        _add_ratios(rows, ("fwd", "fwd_bwd"), ("mode", "H", "B"))
+        doc["results"] = rows
+    if "charlm" in cases:
+        doc["charlm"] = _charlm(device, reps, budget * 2)
+        _add_ratios(doc["charlm"], ("step",), ())
+    if "long" in cases:
+        doc["long"] = _long(device, max(5, reps // 3), budget * 4)
+        _add_ratios(doc["long"], ("fwd", "fwd_bwd"), ())
+    doc["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    return doc
 
 
 def main(argv: Optional[Sequence[str]] = None, *, allow_reexec: bool = False) -> int:
@@ -260,20 +431,24 @@ def main(argv: Optional[Sequence[str]] = None, *, allow_reexec: bool = False) ->
     ``allow_reexec`` (only from the real command line): on CPU, re-execute once with glibc's malloc
     thresholds set (:mod:`layernorm.bench._malloc`), so that no provider's time includes fresh pages."""
     p = argparse.ArgumentParser(prog="layernorm bench --rnn", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (< 30 s on CPU)")
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats, layers only (< 30 s on CPU)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON result")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cases", default=None, help=f"comma list from {list(CASES)} (default: all; --quick: layers)")
     p.add_argument("--providers", default=None,
-                   help=f"comma list from {list(PROVIDERS)} (default: {','.join(DEFAULT_PROVIDERS)})")
+                   help=f"layers case: comma list from {list(PROVIDERS)} (default: {','.join(DEFAULT_PROVIDERS)})")
     p.add_argument("--gpu-case", action="store_true",
                    help="only T=256, B=64, I=H=512 (default providers: " + ",".join(GPU_CASE_PROVIDERS) + ")")
-    p.add_argument("--modes", default="LSTM,GRU", help="comma list from LSTM,GRU")
-    p.add_argument("--sizes", default=None, help="comma list of H (= input size) to run instead of the default")
-    p.add_argument("--batches", default=None, help="comma list of batch sizes to run instead of the default")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(N) first (1 gives stabler numbers on a shared machine)")
+    p.add_argument("--modes", default="LSTM,GRU", help="layers case: comma list from LSTM,GRU")
+    p.add_argument("--sizes", default=None, help="layers case: comma list of H (= input size)")
+    p.add_argument("--batches", default=None, help="layers case: comma list of batch sizes")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per shape (default 30; fewer if slow)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the cases in N fresh processes and report the spread across them")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
     p.add_argument("--no-reexec", action="store_true",
                    help="CPU: do not re-execute with glibc malloc thresholds set (see layernorm.bench._malloc)")
+    p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)  # a --processes child writes here
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if allow_reexec:
@@ -282,72 +457,82 @@ def main(argv: Optional[Sequence[str]] = None, *, allow_reexec: bool = False) ->
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda given but CUDA is not available")
     if args.quick and args.gpu_case:
         p.error("--quick and --gpu-case exclude each other")
-    default_providers = GPU_CASE_PROVIDERS if args.gpu_case else DEFAULT_PROVIDERS
-    providers = [s.strip() for s in (args.providers or ",".join(default_providers)).split(",") if s.strip()]
-    modes = [s.strip().upper() for s in args.modes.split(",") if s.strip()]
-    bad = [x for x in providers if x not in PROVIDERS] + [m for m in modes if m not in ("LSTM", "GRU")]
+    bad = [x for x in (args.providers or "").split(",") if x and x not in PROVIDERS]
+    bad += [m for m in args.modes.upper().split(",") if m and m not in ("LSTM", "GRU")]
+    bad += [c for c in (args.cases or "").split(",") if c and c not in CASES]
     if bad:
-        p.error(f"unknown providers/modes {bad}; providers: {list(PROVIDERS)}, modes: LSTM, GRU")
-    T = 100
-    if args.quick:
-        T, sizes, batches = 25, [64], [1, 16]
-        cfg = TimerConfig(warmup=1, min_reps=3, max_reps=10, budget_s=0.05)
-    elif args.gpu_case:
-        T, sizes, batches = 256, [512], [64]
-        cfg = TimerConfig(warmup=2, min_reps=5, max_reps=30, budget_s=1.0)
-    else:
-        sizes, batches = [256, 512], [1, 32, 128]
-        cfg = TimerConfig(warmup=2, min_reps=5, max_reps=30, budget_s=1.0)
+        p.error(f"unknown providers/modes/cases {bad}; providers: {list(PROVIDERS)}, modes: LSTM, GRU, "
+                f"cases: {list(CASES)}")
     try:
-        if args.sizes:
-            sizes = [int(v) for v in args.sizes.split(",")]
-        if args.batches:
-            batches = [int(v) for v in args.batches.split(",")]
+        [int(v) for v in (args.sizes or "0").split(",") + (args.batches or "0").split(",")]
     except ValueError:
         p.error(f"--sizes/--batches must be comma lists of ints, got {args.sizes!r} / {args.batches!r}")
 
-    from layernorm.nn.rnn import recurrence_backend
+    if args.child_json:
+        doc = _run_cases(args, device)
+        with open(args.child_json, "w") as f:
+            json.dump(doc, f)
+        return 0
 
-    fast_module = recurrence_backend(None).__name__
-    fast_impl = _recurrence_impl(device) if fast_module.endswith("rnn_fast") else None
-    t0 = time.perf_counter()
-    rows: List[dict] = []
-    for mode in modes:
-        for H in sizes:
-            for B in batches:
-                rows.extend(_measure_shape(mode, providers, H, B, T, device, cfg))
-    _add_ratios(rows)
-    elapsed = time.perf_counter() - t0
-    _print_table(rows, f"LN-RNN benchmark, {device.type}, T={T}, float32 ({elapsed:.1f} s); x torch = time / nn.{modes[0] if len(modes) == 1 else 'LSTM|GRU'}'s")
+    from layernorm import rnn
 
-    custom = bool(args.sizes or args.batches) or providers != list(default_providers) or modes != ["LSTM", "GRU"]
+    backend = rnn.resolved_backend(None, device, torch.float32)
+    runs = []
+    if args.processes > 1:
+        child, skip = [], False
+        for a in argv:  # the children run the same cases, one process each
+            if skip:
+                skip = False
+            elif a == "--processes":
+                skip = True
+            elif not a.startswith("--processes="):
+                child.append(a)
+        for k in range(args.processes):
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "run.json")
+                cmd = [sys.executable, "-m", "layernorm.cli", "bench", "--rnn", *child, "--no-reexec",
+                       "--child-json", path]
+                subprocess.run(cmd, check=True)
+                with open(path) as f:
+                    runs.append(json.load(f))
+            print(f"process {k + 1}/{args.processes} done", flush=True)
+        doc = dict(runs[-1])
+        doc["per_process"] = runs
+        doc["across_processes"] = _across_processes(runs)
+    else:
+        doc = _run_cases(args, device)
+    _print_tables(doc)
+    if args.processes > 1:
+        _print_spread(doc["across_processes"], args.processes)
+
+    custom = (bool(args.sizes or args.batches or args.cases or args.reps) or args.modes.upper() != "LSTM,GRU"
+              or (args.providers is not None and not args.gpu_case))
     result = {
         "benchmark": "rnn",
         "quick": bool(args.quick),
         "gpu_case": bool(args.gpu_case),
         "custom_selection": custom,
+        "argv": argv,
         "device": device.type,
+        "threads": torch.get_num_threads(),
         "machine": describe_machine(),
-        "timing": {**timing_method(device, cfg),
-                   "order": "providers of a shape interleaved call by call, rotating (bench._timing.time_interleaved)",
-                   "clock": "time.perf_counter per call" + (" after torch.cuda.synchronize" if device.type == "cuda" else "")},
-        "recurrence_module": fast_module,
-        "recurrence_impl": fast_impl,
-        "recurrence_gemm": _recurrence_gemm(fast_impl),
+        "timing": {"clock": "time.perf_counter per call" + (" after torch.cuda.synchronize" if device.type == "cuda"
+                                                           else "; gc disabled while timing"),
+                   "order": "providers of a shape interleaved call by call, rotating",
+                   "statistic": "median of the calls; p10/p90 and min recorded; ratio = median / torch's median"},
+        "recurrence_impl": backend,
+        "recurrence_gemm": rnn.native_gemm_library() if backend == "cpp" else None,
         "malloc": malloc_state(device),
         "dtype": "float32",
-        "T": T,
-        "elapsed_s": round(elapsed, 2),
-        "results": rows,
+        "processes": args.processes,
+        **doc,
     }
     os.makedirs(args.out, exist_ok=True)
-    # quick, GPU-case and custom runs get their own file so they never overwrite a full run's rnn-<device>.json
     kind = "-quick" if args.quick else "-gpu-case" if args.gpu_case else ""
     name = f"rnn-{device.type}{kind}{'-custom' if custom else ''}.json"
     path = os.path.join(args.out, name)

@@ -18,7 +18,6 @@ Example::
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -35,7 +34,6 @@ def setup_worker(threads: int = 1) -> None:
     """Pin the thread count and make torch deterministic (every worker and the main process call it)."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
-    os.environ.setdefault("LAYERNORM_RNN_IMPL_WARN", "0")
 
 
 def epoch_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

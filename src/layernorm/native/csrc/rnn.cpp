@@ -1,10 +1,20 @@
-// Fused CPU recurrences of the layer-normalized LSTM and GRU (forward and hand-written backward).
+// The LN-LSTM and LN-GRU recurrences on CPU: forward and hand-written backward through time.
 //
-// The equations are those of layernorm/nn/rnn_reference.py. Per time step the recurrent GEMM goes to
-// oneDNN's matmul (else MKL's packed GEMM, with W_hh packed once per call, else ATen's mm), on torch's own OpenMP pool,
-// and everything else -- the layer norm of the GEMM result, gate activations, the cell update and
-// the cell layer norm -- is ONE pass per batch row over a few kilobytes that stay in L1. The backward runs the time loop in reverse
-// with one GEMM per step for dh; dW_hh is one large GEMM after the loop over all steps.
+// Equations: layernorm/rnn/reference.py; arguments, saved tensors and gradients: layernorm/rnn/contract.py
+// (the entry points below take the contract's arguments in its order). Design and measurements:
+// docs/rnn_fast.md.
+//
+// One OpenMP parallel region runs all T steps. The work of a step is split among the threads once:
+//  - batch split (B >= 2 threads): each thread owns a block of rows for the whole sequence and runs
+//    its own GEMM h_rows W^T, then the fused row pass of those rows. Rows never meet, so there is no
+//    synchronisation at all inside the loop;
+//  - column split (small B, e.g. B = 1): each thread multiplies all rows by its own slice of W's
+//    columns (its slice of W stays in its core's L2), a barrier, the row pass (rows shared out), a
+//    barrier.
+// Nothing is dispatched per step: the GEMMs are single-thread calls (oneDNN's BRGEMM micro-kernel
+// through at::native::cpublas for float32, BLAS for float64) on pointers, and the layer norms, gates,
+// cell update and zoneout are one pass per row. dW_hh (and the LSTMP's dW_hr) are one large GEMM
+// after the loop.
 //
 // exp/tanh are written out as polynomials (Cephes constants, ~2 ulp) because calls to libm stop gcc
 // from vectorizing the row loops and glibc's vector math needs -ffast-math, which we do not want
@@ -13,32 +23,39 @@
 // without them NO row loop vectorizes (checked with -fopt-info-vec) and the forward is 3x slower.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/CPUBlas.h>
+#include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <cstdlib>
-#include <sys/mman.h>
+#include <cstring>
+#include <exception>
+#include <mutex>
 #include <string>
-#include <string_view>
+#include <sys/mman.h>
 #include <vector>
 
-// ATen's oneDNN matmul and linear functions; no public header ships them. Weak: where torch lacks
-// them the pointers are null (gemm_lib(), onednn_packed_weight() below).
+// ATen's oneDNN matmul; no public header ships it. Weak: where torch lacks it the pointer is null and
+// the large GEMMs go to ATen's mm.
 namespace at { namespace native {
 void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
                    float alpha) __attribute__((weak));
-at::Tensor mkldnn_linear_pointwise(const at::Tensor& input_t, const at::Tensor& weight_t,
-                                   const std::optional<at::Tensor>& bias_opt, std::string_view attr,
-                                   c10::List<std::optional<at::Scalar>> scalars,
-                                   std::optional<std::string_view> algorithm) __attribute__((weak));
-at::Tensor mkldnn_linear_pointwise_binary(const at::Tensor& input_t, const at::Tensor& other_t,
-                                          const at::Tensor& weight_t, const std::optional<at::Tensor>& bias_opt,
-                                          std::string_view attr) __attribute__((weak));
 }}  // namespace at::native
 
 namespace {
+
+using at::Tensor;
+using OptTensor = c10::optional<at::Tensor>;
+
+// ----------------------------------------------------------------------------------------------
+// Elementwise maths
+// ----------------------------------------------------------------------------------------------
 
 static inline float fexp(float x) {
   x = x < -87.0f ? -87.0f : x;  // keeps 2^n a normal float
@@ -81,32 +98,64 @@ template <typename T> inline T t_tanh(T x) { return std::tanh(x); }
 template <> inline float t_tanh<float>(float x) { return ftanh(x); }
 template <typename T> inline T t_sigmoid(T x) { return T(1) / (T(1) + t_exp<T>(-x)); }
 
+// Row reductions with four independent vector accumulators. A `simd reduction` loop keeps one
+// vector accumulator, so every add waits for the previous one (4 cycles): perf showed row_stats
+// spending half its time on that chain, ~0.3 us per 1024-wide pass, 3 passes per row and step.
+template <typename T>
+struct Vec {
+  static constexpr int kLanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(32)));
+  static inline type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static inline T sum(type v) {
+    T s = 0;
+    for (int j = 0; j < kLanes; ++j) s += v[j];
+    return s;
+  }
+};
+
+// sum of f(k) for k < n, f(k) a vector of lanes k..k+L-1 (fv) or one element (fs)
+template <typename T, typename FV, typename FS>
+inline T reduce_row(int64_t n, FV fv, FS fs) {
+  using V = Vec<T>;
+  constexpr int L = V::kLanes;
+  typename V::type a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t k = 0;
+  for (; k + 4 * L <= n; k += 4 * L) {
+    a0 += fv(k);
+    a1 += fv(k + L);
+    a2 += fv(k + 2 * L);
+    a3 += fv(k + 3 * L);
+  }
+  for (; k + L <= n; k += L) a0 += fv(k);
+  T s = V::sum((a0 + a1) + (a2 + a3));
+  for (; k < n; ++k) s += fs(k);
+  return s;
+}
+
 // Mean and 1/sqrt(biased var + eps) of v[0:n], two passes (no E[x^2]-E[x]^2 cancellation).
 template <typename T>
 inline void row_stats(const T* v, int64_t n, double eps, T& mean, T& rstd) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += v[k];
+  using V = Vec<T>;
+  const T s = reduce_row<T>(n, [&](int64_t k) { return V::load(v + k); }, [&](int64_t k) { return v[k]; });
   const T m = s / T(n);
-  T q = 0;
-#pragma omp simd reduction(+ : q)
-  for (int64_t k = 0; k < n; ++k) {
-    const T d = v[k] - m;
-    q += d * d;
-  }
+  const T q = reduce_row<T>(
+      n, [&](int64_t k) { auto d = V::load(v + k) - m; return d * d; },
+      [&](int64_t k) { const T d = v[k] - m; return d * d; });
   mean = m;
   rstd = T(1) / std::sqrt(q / T(n) + T(eps));
 }
 
-// dx of y = x_hat * 1 given dy_hat = d(x_hat): rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
+// dx of x_hat = (x - mean) * rstd given g = d x_hat: rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
 template <typename T>
 inline void ln_backward_row(const T* g, const T* xhat, int64_t n, T rstd, T* dx) {
-  T s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-  for (int64_t k = 0; k < n; ++k) {
-    s1 += g[k];
-    s2 += g[k] * xhat[k];
-  }
+  using V = Vec<T>;
+  const T s1 = reduce_row<T>(n, [&](int64_t k) { return V::load(g + k); }, [&](int64_t k) { return g[k]; });
+  const T s2 = reduce_row<T>(n, [&](int64_t k) { return V::load(g + k) * V::load(xhat + k); },
+                             [&](int64_t k) { return g[k] * xhat[k]; });
   const T m1 = s1 / T(n), m2 = s2 / T(n);
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) dx[k] = rstd * (g[k] - m1 - xhat[k] * m2);
@@ -119,26 +168,61 @@ inline void ln_backward_row(const T* g, const T* xhat, int64_t n, T rstd, T* dx)
 // THP_MEM_ALLOC_ENABLE does) before its first touch turns ~500 faults per 2 MiB into one. Only
 // whole 2 MiB pages inside the buffer are advised; small buffers and kernels without THP are left
 // as they are (madvise then fails harmlessly).
-at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  auto t = at::empty(sizes, opts);
+//
+// `stagger`: the tensor starts `stagger` cache lines into its allocation. The row passes read and
+// write rows of 4H elements of several of these tensors at the same index k; rows whose addresses
+// agree in their low 12 bits make a load wait for an unrelated earlier store (4K aliasing), so each
+// kind of buffer gets its own offset (the scratch rows below likewise).
+Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts, int64_t stagger = 0) {
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  const int64_t line = std::max<int64_t>(1, 64 / int64_t(c10::elementSize(c10::typeMetaToScalarType(opts.dtype()))));
+  auto base = at::empty({numel + stagger * line}, opts);
+  // from_blob with a deleter that owns `base`: the tensor starts at the offset with storage offset 0
+  // (custom-op outputs must match their fake kernels, which know nothing of the offset)
+  char* start = static_cast<char*>(base.data_ptr()) + stagger * line * base.element_size();
+  auto t = stagger == 0 ? base.view(sizes)
+                        : at::from_blob(start, sizes, [base](void*) mutable { base.reset(); }, opts);
 #ifdef MADV_HUGEPAGE
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t hi = lo + t.nbytes();
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(base.data_ptr());
+  const uintptr_t hi = lo + base.nbytes();
   const uintptr_t a = (lo + kHuge - 1) & ~(kHuge - 1), b = hi & ~(kHuge - 1);
-  if (t.nbytes() >= 4 * kHuge && b > a) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
+  if (base.nbytes() >= 4 * kHuge && b > a) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
 #endif
   return t;
 }
 
-inline int64_t grain_for(int64_t B, int64_t H) {
-  // rows are ~5H flops*10 each; only split when a chunk is worth a thread wake-up (~ a few us)
-  return std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1));
+// Offsets of per-thread scratch rows of the given lengths, each one cache line further from a
+// 4 KiB boundary than the previous (see empty_big); the last entry is the total.
+inline std::vector<int64_t> scratch_layout(std::initializer_list<int64_t> lengths, int64_t line = 16) {
+  std::vector<int64_t> off{0};
+  int64_t k = 1;
+  for (int64_t n : lengths) off.push_back(off.back() + n + line * k++);
+  return off;
 }
 
-std::vector<int64_t> lengths_vec(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T) {
+// Software prefetch of [p, p + bytes): the row passes stream a row's worth (4H) of several saved
+// tensors from memory, one row after the other, and perf showed the backward's row pass waiting on
+// those first loads (the instructions after them held 60% of its samples). The next row's lines are
+// requested while this row computes.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < int64_t(n * sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+
+inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+template <typename T>
+inline const T* ptr_or_null(const OptTensor& t) {
+  return has(t) ? t->data_ptr<T>() : nullptr;
+}
+
+std::vector<int64_t> lengths_vec(const OptTensor& lengths, int64_t B, int64_t T) {
   std::vector<int64_t> L(B, T);
-  if (lengths.has_value() && lengths->defined()) {
+  if (has(lengths)) {
     auto l = lengths->to(at::kLong).contiguous();
     const int64_t* p = l.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) L[b] = std::min<int64_t>(std::max<int64_t>(p[b], 0), T);
@@ -146,40 +230,20 @@ std::vector<int64_t> lengths_vec(const c10::optional<at::Tensor>& lengths, int64
   return L;
 }
 
-
 // ----------------------------------------------------------------------------------------------
-// The per-step recurrent GEMM
+// The large GEMMs (input projection and its backward, weight gradients): oneDNN's matmul, as ATen's
+// own mkldnn_matmul (exported by libtorch_cpu when torch is built with oneDNN, which the x86 and Arm
+// wheels are), the library nn.LSTM's CPU kernel runs on; else ATen's mm. Measured on the 2-core
+// AMD EPYC (Zen 4) of the CI box, fp32: 12-30% faster than at::mm (MKL) for the (T*B x 4H) GEMMs.
 // ----------------------------------------------------------------------------------------------
 
-// oneDNN's matmul, as ATen's own mkldnn_matmul (exported by libtorch_cpu when torch is built with
-// oneDNN, which the x86 and Arm wheels are). Declared weak: where it is absent the pointer is null
-// and the GEMMs below use MKL or ATen. Measured on the 2-core AMD EPYC (Zen 4) of the CI box, fp32,
-// 2 threads, every GEMM of an LSTM at H = 256 ran 12-30% faster through oneDNN than through
-// at::mm (MKL): the step GEMM h W_hh^T at B = 32 109 against 139 us (MKL packed: ~129), the backward's
-// dhw W_hh 95 against 107 us, and the (T*B x 4H) GEMMs of the weight gradients 194 against 170 GFLOP/s.
-// nn.LSTM's CPU kernel is oneDNN's too, so this puts both on the same GEMMs.
-
-// LAYERNORM_RNN_GEMM: "onednn" / "mkl" force one library (for A/B measurement); unset or "auto" takes
-// oneDNN where it is there and enabled (torch.backends.mkldnn.enabled).
-enum class GemmLib { kOneDnn, kMkl };
-GemmLib gemm_lib() {
-  const char* e = std::getenv("LAYERNORM_RNN_GEMM");
-  const bool have = &at::native::mkldnn_matmul != nullptr;
-  const std::string v = e == nullptr ? "" : e;
-  TORCH_CHECK(v.empty() || v == "auto" || v == "onednn" || v == "mkl",
-              "LAYERNORM_RNN_GEMM must be one of auto, onednn, mkl, but got '", v, "'");
-  if (v == "mkl") return GemmLib::kMkl;
-  if (v == "onednn") {
-    TORCH_CHECK(have, "LAYERNORM_RNN_GEMM=onednn, but this torch build does not export oneDNN's matmul");
-    return GemmLib::kOneDnn;
-  }
-  return have && at::globalContext().userEnabledMkldnn() ? GemmLib::kOneDnn : GemmLib::kMkl;
+bool onednn_enabled() {
+  return &at::native::mkldnn_matmul != nullptr && at::globalContext().userEnabledMkldnn();
 }
 
-// out = a @ b (+ out when accumulate); out contiguous. float32 may go to oneDNN; float64 (gradcheck)
-// always goes to ATen. oneDNN's matmul takes transposed views without a copy.
-void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate, GemmLib lib) {
-  if (lib == GemmLib::kOneDnn && a.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0) {
+// out = a @ b (+ out when accumulate); out contiguous. float64 always goes to ATen.
+void gemm(const Tensor& a, const Tensor& b, Tensor& out, bool accumulate) {
+  if (onednn_enabled() && a.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0) {
     try {
       at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
       return;
@@ -194,736 +258,1127 @@ void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumu
   }
 }
 
-// A new (rows x N) product. empty_big (huge pages): the input projection at B = 128 is 52 MB, mapped
-// fresh at every call, and its page faults made the B = 128 forward 13% slower (99 against 86 ms).
-at::Tensor gemm_new(const at::Tensor& a, const at::Tensor& b, GemmLib lib) {
-  auto out = empty_big({a.size(0), b.size(1)}, a.options());
-  gemm(a, b, out, false, lib);
+// A new (rows x N) product, in huge pages (the input projection at B = 128 is 52 MB).
+Tensor gemm_new(const Tensor& a, const Tensor& b) {
+  auto out = empty_big({a.size(0), b.size(1)}, a.options(), 4);
+  if (a.size(0) == 0 || b.size(1) == 0) return out;
+  if (a.size(1) == 0) return out.zero_();
+  gemm(a, b, out, false);
   return out;
 }
 
-// MKL's packed-GEMM API, exported by torch's MKL-enabled x86 builds. Declared weak: where torch has
-// no MKL (Arm, macOS, some source builds) the pointers are null and StepGemm falls back to ATen.
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
-                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
-}
-enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
+Tensor linear_forward(const Tensor& x, const Tensor& w) { return gemm_new(x, w.t()); }
 
-// LAYERNORM_RNN_PACKED_GEMM=0 switches off packing W once per call, MKL's and oneDNN's (A/B measurement).
-bool packing_allowed() {
-  const char* e = std::getenv("LAYERNORM_RNN_PACKED_GEMM");
-  return !(e != nullptr && e[0] == '0');
-}
-
-bool packed_gemm_enabled() {
-  if (cblas_sgemm_pack_get_size == nullptr || cblas_sgemm_pack == nullptr || cblas_sgemm_compute == nullptr)
-    return false;
-  return packing_allowed();
-}
-
-// W as oneDNN's matmul wants it for `rows` rows (its blocked layout, an opaque MKLDNN tensor), through
-// the op torch.compile's CPU backend uses (mkldnn::_reorder_linear_weight); undefined where that op
-// or the exported linear functions are missing, or the reorder fails.
-at::Tensor onednn_packed_weight(const at::Tensor& w_out_in, int64_t rows) {
-  if (&at::native::mkldnn_linear_pointwise == nullptr || &at::native::mkldnn_linear_pointwise_binary == nullptr)
-    return {};
-  if (!packing_allowed()) return {};
-  try {
-    auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
-    if (!op.has_value()) return {};
-    return op->typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>().call(w_out_in.contiguous(), rows);
-  } catch (const std::exception&) {
-    return {};
-  }
-}
-
-// out = a @ op(W) (+ out when accumulating) at every step, with W fixed for the whole loop.
-// A (B x K) by (K x N) product with small B spends much of its time re-packing all of W into the
-// GEMM's blocked layout at every call; packing W once per call and reusing it at every step removes
-// that, with the same result bits at every step. In order of preference:
-//  - oneDNN (see gemm() above), B >= 2 (B = 1 too when W exceeds 2 MiB): W reordered once (onednn_packed_weight), then
-//    mkldnn_linear_pointwise(_binary) per step. Per step at H = 256, 2 threads: 86 against 103 us
-//    for the plain oneDNN matmul forward at B = 32, 18 against 32 us at B = 2; H = 512, B = 32:
-//    310 against 370 us. The result is a new tensor, which run() returns.
-//  - oneDNN's plain matmul on a contiguous op(W) (packing unavailable or switched off).
-//  - MKL (float32, no oneDNN, or B = 1 with a small W: a GEMV, where MKL was 1.4-2.5x faster than oneDNN's matmul):
-//    with `pack`, cblas_sgemm_pack once and cblas_sgemm_compute per step (7% faster forward
-//    h W_hh^T at B = 32, 10% at B = 1; the backward's dhw W_hh was 2-5% slower packed, so it is not).
-//  - ATen's mm (float64; or no MKL).
-// LAYERNORM_RNN_PACKED_GEMM=0 switches both kinds of packing off (for A/B measurement).
-class StepGemm {
- public:
-  // forward: op(W) = W^T with W (N x K) = W_hh (4H x H);  backward: op(W) = W = W_hh (K x N).
-  StepGemm(const at::Tensor& w, bool transpose, int64_t m, bool pack) : m_(m), lib_(gemm_lib()) {
-    k_ = transpose ? w.size(1) : w.size(0);
-    n_ = transpose ? w.size(0) : w.size(1);
-    const bool fits = m < (1 << 30) && k_ < (1 << 30) && n_ < (1 << 30);
-    const bool f32 = w.scalar_type() == at::kFloat;
-    // One row is a GEMV: there MKL beat oneDNN's plain matmul 1.4-2.5x, and its packed one only once
-    // W outgrows the L2 cache (H = 512: 45 against 71 us forward, 57 against 85 backward; H = 256:
-    // 21 against 18 us), hence the size limit (2 MiB of float32 weights).
-    const bool small_gemv = m < 2 && k_ * n_ <= (int64_t(1) << 19);
-    if (lib_ == GemmLib::kOneDnn && f32 && m > 0 && !small_gemv) {
-      // linear's weight is (out, in) = op(W)^T: W_hh itself forward, W_hh^T backward
-      dnn_packed_ = onednn_packed_weight(transpose ? w : w.t(), m);
-    }
-    if (dnn_packed_.defined()) return;
-    if (m < 2) lib_ = GemmLib::kMkl;
-    const bool onednn = lib_ == GemmLib::kOneDnn && f32;
-    if (!onednn && pack && f32 && m > 0 && fits && packed_gemm_enabled()) {
-      auto wc = w.contiguous();
-      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n_), int(k_));
-      packed_ = at::empty({int64_t(bytes / sizeof(float)) + 16}, w.options());
-      cblas_sgemm_pack(kRowMajor, kBMatrix, transpose ? kTrans : kNoTrans, int(m), int(n_), int(k_), 1.0f,
-                       wc.data_ptr<float>(), int(wc.size(1)), packed_.data_ptr<float>());
-    } else {
-      w_ = transpose ? w.t().contiguous() : w.contiguous();  // (K, N): a transposed view ran ~1.5x slower
-    }
-  }
-  // a (m x K) @ op(W), plus out's previous value when accumulate. Returns the tensor holding the
-  // result: `out`, or (packed oneDNN, not accumulating) a new (m x N) tensor; read the result from it.
-  at::Tensor run(const at::Tensor& a, at::Tensor& out, bool accumulate) const {
-    if (dnn_packed_.defined()) {
-      if (!accumulate) {
-        return at::native::mkldnn_linear_pointwise(a, dnn_packed_, std::nullopt, "none",
-                                                   c10::List<std::optional<at::Scalar>>(), std::nullopt);
-      }
-      out.copy_(at::native::mkldnn_linear_pointwise_binary(a, out, dnn_packed_, std::nullopt, "add"));
-    } else if (packed_.defined()) {
-      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a.data_ptr<float>(),
-                          int(a.stride(0)), packed_.data_ptr<float>(), int(n_), accumulate ? 1.0f : 0.0f,
-                          out.data_ptr<float>(), int(out.stride(0)));
-    } else {
-      gemm(a, w_, out, accumulate, lib_);
-    }
-    return out;
-  }
-
- private:
-  int64_t m_, k_ = 0, n_ = 0;
-  GemmLib lib_;
-  at::Tensor dnn_packed_, packed_, w_;
-};
-
-// x (rows x K) @ W^T, dy @ W and dy^T @ x with the GEMM library above: the layer's input projection
-// and its backward, so that the module's largest GEMMs run on the same library as the recurrence.
-at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w) {
-  return gemm_new(x, w.t(), gemm_lib());
-}
-
-std::vector<at::Tensor> linear_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                                        bool need_dx, bool need_dw) {
-  const GemmLib lib = gemm_lib();
-  at::Tensor dx, dw;
-  if (need_dx) dx = gemm_new(dy, w, lib);
-  if (need_dw) dw = gemm_new(dy.t(), x, lib);
+std::vector<Tensor> linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw) {
+  Tensor dx, dw;
+  if (need_dx) dx = gemm_new(dy, w);
+  if (need_dw) dw = gemm_new(dy.t(), x);
   return {dx, dw};
 }
 
 // ----------------------------------------------------------------------------------------------
-// LSTM
+// The per-step GEMM, called by one thread inside the parallel region: C[M x N] (+)= A[M x K] B[K x N],
+// all row-major. float32: oneDNN's BRGEMM micro-kernel (at::native::cpublas::brgemm, the kernel
+// PyTorch's CPU flash attention calls per thread), in column blocks of kBrgemmN; float64: BLAS
+// (single-threaded inside a parallel region).
 // ----------------------------------------------------------------------------------------------
 
-// Saved for backward (per step, per row): hw_hat (4H), gates after activation (4H), c (H),
-// rstd of the recurrent LN, mean and rstd of the cell LN, and with g_ih the mean and rstd of the
-// input LN. h_{t-1} is read back from `out`.
-//
-// g_ih (4H) given: xw is the raw input projection W_ih x and its layer norm (gain g_ih, no shift)
-// is computed here, in the row pass that reads xw anyway, instead of by a separate layer_norm over
-// the whole (T, B, 4H) tensor before the loop (and its backward after it): two fewer passes over
-// T*B*4H values each way, and no normalized copy of xw in memory.
-std::vector<at::Tensor> lstm_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& lengths,
-                                     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-                                     const at::Tensor& g_hh, const c10::optional<at::Tensor>& bias,
-                                     const c10::optional<at::Tensor>& wc, const c10::optional<at::Tensor>& bc,
-                                     double eps, bool cell_norm, bool save, const c10::optional<at::Tensor>& g_ih) {
-  const int64_t T = xw.size(0), B = xw.size(1), H4 = xw.size(2), H = H4 / 4;
+extern "C" {
+// Fortran BLAS, exported by torch's MKL builds. Weak: null where absent (then naive_gemm below).
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+std::atomic<int> g_step_gemm{0};  // 0: brgemm for float32, 1: BLAS (A/B measurement, _set_step_gemm)
+constexpr int64_t kBrgemmN = 1024;  // column blocks per brgemm call (64 to 1024 measured: 1024 fastest, 3%)
+
+template <typename T>
+void naive_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    if (!accumulate) std::memset(c, 0, N * sizeof(T));
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[i * lda + k];
+      const T* b = B + k * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+template <typename T>
+void blas_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+               int64_t ldc, bool accumulate) {
+  // column-major BLAS: C^T (N x M) = B^T (N x K) A^T (K x M)
+  const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
+  const T one = 1, beta = accumulate ? T(1) : T(0);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) return sgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+  } else {
+    if (dgemm_ != nullptr) return dgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+  }
+  naive_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+template <typename T>
+void thread_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                 int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(T));
+    return;
+  }
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) {
+    if (g_step_gemm.load(std::memory_order_relaxed) == 0) {
+      for (int64_t n0 = 0; n0 < N; n0 += kBrgemmN) {
+        at::native::cpublas::brgemm(M, std::min(kBrgemmN, N - n0), K, lda, ldb, ldc, accumulate, A, B + n0, C + n0);
+      }
+      return;
+    }
+  }
+#endif
+  blas_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// y[n] = W[n, :K] . x for n in [n0, n1): the step product of a single row (B = 1, and the rows of the
+// column split), on W in its own (N x K) layout, eight rows of W at a time against one x held in
+// registers. brgemm treats one row as a (1 x N) GEMM and ran at about a quarter of the bandwidth
+// of W (9.5 us for half of the H = 256 W_hh per thread; this kernel: see docs/rnn_fast.md), and needs
+// W transposed first.
+template <typename T>
+void gemv_rows(const T* W, int64_t ldw, int64_t n0, int64_t n1, int64_t K, const T* x, T* y) {
+  using V = Vec<T>;
+  constexpr int L = V::kLanes;
+  int64_t n = n0;
+  for (; n + 8 <= n1; n += 8) {
+    const T* w = W + n * ldw;
+    typename V::type a[8] = {};
+    int64_t k = 0;
+    for (; k + L <= K; k += L) {
+      const auto xv = V::load(x + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) a[r] += V::load(w + r * ldw + k) * xv;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      T s = V::sum(a[r]);
+      for (int64_t j = k; j < K; ++j) s += w[r * ldw + j] * x[j];
+      y[n + r] = s;
+    }
+  }
+  for (; n < n1; ++n) {
+    const T* w = W + n * ldw;
+    y[n] = reduce_row<T>(K, [&](int64_t k) { return V::load(w + k) * V::load(x + k); },
+                         [&](int64_t k) { return w[k] * x[k]; });
+  }
+}
+
+// C[:, c0:c1] = A W^T for rows [r0, r1): one GEMV per row on W's own layout.
+template <typename T>
+void thread_gemv(int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t K, const T* A, int64_t lda, const T* W,
+                 T* C, int64_t ldc) {
+  for (int64_t r = r0; r < r1; ++r) gemv_rows(W, K, c0, c1, K, A + r * lda, C + r * ldc);
+}
+
+// dst (K x N) = src (N x K)^T for the rows [n0, n1) of src: brgemm's right operand. torch's
+// w.t().contiguous() took 157 us for the 1 MiB W_hh of H = 256 (as long as 2 steps' row passes);
+// 8 x 8 register tiles, on both threads, are several times faster.
+#ifdef __AVX2__
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + lds), r2 = _mm256_loadu_ps(src + 2 * lds),
+         r3 = _mm256_loadu_ps(src + 3 * lds), r4 = _mm256_loadu_ps(src + 4 * lds),
+         r5 = _mm256_loadu_ps(src + 5 * lds), r6 = _mm256_loadu_ps(src + 6 * lds),
+         r7 = _mm256_loadu_ps(src + 7 * lds);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+         t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+         u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)),
+         u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2)),
+         u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+template <typename T>
+void transpose_rows(const T* src, int64_t N, int64_t K, int64_t n0, int64_t n1, T* dst) {
+  int64_t n = n0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<T, float>) {
+    for (; n + 8 <= n1; n += 8) {
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) transpose8x8(src + n * K + k, K, dst + k * N + n, N);
+      for (; k < K; ++k)
+        for (int64_t j = 0; j < 8; ++j) dst[k * N + n + j] = src[(n + j) * K + k];
+    }
+  }
+#endif
+  for (; n < n1; ++n)
+    for (int64_t k = 0; k < K; ++k) dst[k * N + n] = src[n * K + k];
+}
+
+// The end of the LSTM backward's row pass, for one row of G = 4H gate gradients dA:
+//   dhw = LN_backward(dA * g_hh; x_hat = hh, rstd_hh),  dxw = LN_backward(dA * g_ih; x_hat = (xw - mx) rx, rx)
+//   ag += dA * hh, ab += dA, agi += dA * x_hat_ih  (this row's sums of d ln_hh_weight, d bias, d ln_ih_weight)
+// in two passes: one for the four sums (and y = dA * g, x_hat_ih kept in y_hh, y_ih, xih), one for the outputs.
+template <typename T>
+void lstm_gate_backward(int64_t G, const T* dA, const T* hh, const T* xr, T mx, T rx, const T* g_hh, const T* g_ih,
+                        T* ag, T* ab, T* agi, T* y_hh, T* xih, T rstd_hh, T* dhw, T* dxw) {
+  using V = Vec<T>;
+  using VT = typename V::type;
+  constexpr int L = V::kLanes;
+  VT s1 = {}, s2 = {}, s3 = {}, s4 = {};
+  T* y_ih = xih + G;  // the caller's scratch holds 2G here
+  auto store = [](T* p, VT v) { std::memcpy(p, &v, sizeof(v)); };
+  int64_t k = 0;
+  for (; k + L <= G; k += L) {
+    const VT a = V::load(dA + k), h = V::load(hh + k), xh = (V::load(xr + k) - mx) * rx;
+    store(ag + k, V::load(ag + k) + a * h);
+    store(ab + k, V::load(ab + k) + a);
+    store(agi + k, V::load(agi + k) + a * xh);
+    const VT y1 = a * V::load(g_hh + k), y2 = a * V::load(g_ih + k);
+    store(y_hh + k, y1);
+    store(y_ih + k, y2);
+    store(xih + k, xh);
+    s1 += y1;
+    s2 += y1 * h;
+    s3 += y2;
+    s4 += y2 * xh;
+  }
+  T t1 = V::sum(s1), t2 = V::sum(s2), t3 = V::sum(s3), t4 = V::sum(s4);
+  for (; k < G; ++k) {
+    const T a = dA[k], h = hh[k], xh = (xr[k] - mx) * rx;
+    ag[k] += a * h;
+    ab[k] += a;
+    agi[k] += a * xh;
+    const T y1 = a * g_hh[k], y2 = a * g_ih[k];
+    y_hh[k] = y1, y_ih[k] = y2, xih[k] = xh;
+    t1 += y1, t2 += y1 * h, t3 += y2, t4 += y2 * xh;
+  }
+  const T m1 = t1 / T(G), m2 = t2 / T(G), m3 = t3 / T(G), m4 = t4 / T(G);
+#pragma omp simd
+  for (int64_t j = 0; j < G; ++j) {
+    dhw[j] = rstd_hh * (y_hh[j] - m1 - hh[j] * m2);
+    dxw[j] = rx * (y_ih[j] - m3 - xih[j] * m4);
+  }
+}
+
+// The threads of the region, their share of the batch rows and of a GEMM's columns.
+struct Split {
+  int nt = 1;
+  bool cols = false;  // column split (small batches): barriers between the phases of a step
+  int64_t B = 0;
+  static Split make(int64_t B) {
+    Split s;
+    s.nt = std::max(1, at::get_num_threads());
+    s.B = B;
+    s.cols = s.nt > 1 && B < 2 * s.nt;
+    if (B == 0) s.nt = 1;
+    return s;
+  }
+  // rows a thread multiplies (all rows in a column split)
+  void gemm_rows(int id, int64_t& r0, int64_t& r1) const {
+    if (cols) { r0 = 0; r1 = B; } else { r0 = B * id / nt; r1 = B * (id + 1) / nt; }
+  }
+  // rows a thread runs the row pass on
+  void pass_rows(int id, int64_t& r0, int64_t& r1) const { r0 = B * id / nt; r1 = B * (id + 1) / nt; }
+  // columns [c0, c1) of an N-column product a thread computes, in multiples of 16
+  void gemm_cols(int id, int64_t N, int64_t& c0, int64_t& c1) const {
+    if (!cols) { c0 = 0; c1 = N; return; }
+    const int64_t blocks = (N + 15) / 16;
+    c0 = std::min(N, 16 * (blocks * id / nt));
+    c1 = std::min(N, 16 * (blocks * (id + 1) / nt));
+  }
+};
+
+// Work of one thread inside the region. An exception is caught and recorded; the thread then skips
+// every later phase but still reaches every barrier (the other threads would wait there forever), and
+// the first exception is rethrown after the region.
+struct Guard {
+  std::atomic<bool>* failed;
+  std::exception_ptr* error;
+  std::mutex* mu;
+  template <typename F>
+  void operator()(F&& f) const {
+    if (failed->load(std::memory_order_relaxed)) return;
+    try {
+      f();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(*mu);
+      if (!*error) *error = std::current_exception();
+      failed->store(true);
+    }
+  }
+};
+
+// Runs body(thread id, guard) on the split's threads.
+template <typename F>
+void run_region(const Split& s, F&& body) {
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex mu;
+  const Guard guard{&failed, &error, &mu};
+#pragma omp parallel num_threads(s.nt)
+  {
+    body(omp_get_thread_num(), guard);
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+    at::native::cpublas::brgemm_release(false);
+#endif
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+#define RNN_BARRIER(split) \
+  do {                     \
+    if ((split).cols) {    \
+      _Pragma("omp barrier") \
+    }                      \
+  } while (0)
+
+// ----------------------------------------------------------------------------------------------
+// LSTM. Shapes: T steps, B rows, H hidden, R = proj_size or H; G = 4H gate pre-activations.
+// ----------------------------------------------------------------------------------------------
+
+// The contract's forward. Saved (save): hw_hat (T,B,4H), gates (T,B,4H), cs (T,B,H), stats (T,B,5) =
+// rstd_hh, mean_c, rstd_c, mean_ih, rstd_ih; zeros (and the frozen c) on steps past a row's length.
+std::vector<Tensor> lstm_forward(const Tensor& xw, const OptTensor& lengths, const Tensor& h0, const Tensor& c0,
+                                 const Tensor& w_hh, const Tensor& g_hh, const OptTensor& bias, const Tensor& g_ih,
+                                 const OptTensor& ln_cell_weight, const OptTensor& ln_cell_bias,
+                                 const OptTensor& w_hr, const OptTensor& recurrent_mask, const OptTensor& zoneout_h,
+                                 const OptTensor& zoneout_c, double eps, bool save) {
+  at::NoGradGuard no_grad;  // called from autograd's backward too; nothing here is differentiated
+  const int64_t T = xw.size(0), B = xw.size(1), G = xw.size(2), H = G / 4, R = h0.size(1);
+  const bool proj = has(w_hr), cell_norm = has(ln_cell_weight), rec = has(recurrent_mask);
+  const bool zh = has(zoneout_h), zc = has(zoneout_c);
   auto opts = xw.options();
-  auto out = empty_big({T, B, H}, opts);
+  auto out = empty_big({T, B, R}, opts, 0);
   auto h = h0.contiguous().clone();
   auto c = c0.contiguous().clone();
-  auto hw = at::empty({B, H4}, opts);
-  const bool ln_ih = g_ih.has_value() && g_ih->defined();
-  at::Tensor hw_hat, gates, cs, rstd1, mean2, rstd2, mean_ih, rstd_ih;
+  auto hw = at::empty({B, G}, opts);
+  const Split split = Split::make(B);
+  // the column split multiplies single rows (gemv_rows, on W's own layout); brgemm wants W^T
+  auto w_hh_c = w_hh.contiguous();
+  Tensor w_hr_c = proj ? w_hr->contiguous() : Tensor();
+  Tensor wt = split.cols ? Tensor() : at::empty({R, G}, opts);          // W_hh^T, filled in the region
+  Tensor wrt = proj && !split.cols ? at::empty({H, R}, opts) : Tensor();  // W_hr^T
+  Tensor hin = rec ? h * *recurrent_mask : Tensor();            // (B, R) the GEMM's left operand
+  Tensor mbuf = proj ? at::empty({B, H}, opts) : Tensor();      // (B, H) o tanh(LN(c~)) before W_hr
+  Tensor htil = proj ? at::empty({B, R}, opts) : Tensor();      // (B, R) its projection
+  Tensor bias_c = has(bias) ? bias->contiguous() : at::zeros({G}, opts);
+  Tensor hw_hat, gates, cs, stats;
   if (save) {
-    hw_hat = empty_big({T, B, H4}, opts);
-    gates = empty_big({T, B, H4}, opts);
-    cs = empty_big({T, B, H}, opts);
-    rstd1 = at::empty({T, B}, opts);
-    mean2 = at::empty({T, B}, opts);
-    rstd2 = at::empty({T, B}, opts);
-    if (ln_ih) {
-      mean_ih = at::empty({T, B}, opts);
-      rstd_ih = at::empty({T, B}, opts);
-    }
-  } else {  // inference: only a one-step scratch
-    hw_hat = at::empty({1, B, H4}, opts);
-    gates = at::empty({1, B, H4}, opts);
+    hw_hat = empty_big({T, B, G}, opts, 1);
+    gates = empty_big({T, B, G}, opts, 2);
+    cs = empty_big({T, B, H}, opts, 3);
+    stats = at::empty({T, B, 5}, opts);
   }
   const auto L = lengths_vec(lengths, B, T);
-  const StepGemm gemm(w_hh, /*transpose=*/true, B, /*pack=*/true);
-  const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor bias_c = has_bias ? bias->contiguous() : at::zeros({H4}, opts);  // no branch in the row loop
-  // without g_ih the row loop runs the same code with mean 0, rstd 1 and gain 1: x - 0 and x * 1 are exact
-  at::Tensor gih_c = ln_ih ? g_ih->contiguous() : at::ones({H4}, opts);
-  at::Tensor wc_c = cell_norm ? wc->contiguous() : at::Tensor();
-  at::Tensor bc_c = cell_norm ? bc->contiguous() : at::Tensor();
-  auto g_c = g_hh.contiguous();
+  const auto sl = scratch_layout({G, G, H});  // hw_hat, gates (inference), c~ (cell zoneout)
+  const int64_t scratch_per_thread = sl.back();
+  auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
 
   auto body = [&](auto tag_) {
     using T_ = decltype(tag_);
     const T_* xw_p = xw.data_ptr<T_>();
-    const T_* g_p = g_c.data_ptr<T_>();
+    const T_* g_p = g_hh.data_ptr<T_>();
+    const T_* gi_p = g_ih.data_ptr<T_>();
     const T_* b_p = bias_c.data_ptr<T_>();
-    const T_* gi_p = gih_c.data_ptr<T_>();
-    const T_* wc_p = cell_norm ? wc_c.data_ptr<T_>() : nullptr;
-    const T_* bc_p = cell_norm ? bc_c.data_ptr<T_>() : nullptr;
+    const T_* wc_p = ptr_or_null<T_>(ln_cell_weight);
+    const T_* bc_p = ptr_or_null<T_>(ln_cell_bias);
+    const T_* rm_p = ptr_or_null<T_>(recurrent_mask);
+    const T_* zh_p = ptr_or_null<T_>(zoneout_h);
+    const T_* zc_p = ptr_or_null<T_>(zoneout_c);
+    const T_* w_p = w_hh_c.data_ptr<T_>();
+    const T_* wr_p = proj ? w_hr_c.data_ptr<T_>() : nullptr;
+    T_* wt_p = wt.defined() ? wt.data_ptr<T_>() : nullptr;
+    T_* wrt_p = wrt.defined() ? wrt.data_ptr<T_>() : nullptr;
     T_* out_p = out.data_ptr<T_>();
     T_* h_p = h.data_ptr<T_>();
     T_* c_p = c.data_ptr<T_>();
-    for (int64_t t = 0; t < T; ++t) {
-      const at::Tensor hw_t = gemm.run(h, hw, false);  // (B, 4H) = h W_hh^T
-      const T_* hw_p = hw_t.data_ptr<T_>();
-      const int64_t ts = save ? t : 0;
-      T_* hh_t = hw_hat.data_ptr<T_>() + ts * B * H4;
-      T_* ga_t = gates.data_ptr<T_>() + ts * B * H4;
-      at::parallel_for(0, B, grain_for(B, H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          T_* o_row = out_p + (t * B + b) * H;
-          if (t >= L[b]) {  // past the end: state frozen, output zero
-            std::memset(o_row, 0, H * sizeof(T_));
-            if (save) {
-              std::memset(hh_t + b * H4, 0, H4 * sizeof(T_));
-              std::memset(ga_t + b * H4, 0, H4 * sizeof(T_));
-              std::memcpy(cs.data_ptr<T_>() + (t * B + b) * H, c_p + b * H, H * sizeof(T_));
-              rstd1.data_ptr<T_>()[t * B + b] = 0;
-              mean2.data_ptr<T_>()[t * B + b] = 0;
-              rstd2.data_ptr<T_>()[t * B + b] = 0;
-              if (ln_ih) {
-                mean_ih.data_ptr<T_>()[t * B + b] = 0;
-                rstd_ih.data_ptr<T_>()[t * B + b] = 0;
-              }
-            }
-            continue;
-          }
-          const T_* hwr = hw_p + b * H4;
-          const T_* xr = xw_p + (t * B + b) * H4;
-          T_* hh = hh_t + b * H4;
-          T_* ga = ga_t + b * H4;
-          T_ m1, r1, mx = 0, rx = 1;
-          row_stats(hwr, H4, eps, m1, r1);
-          if (ln_ih) {
-            row_stats(xr, H4, eps, mx, rx);
-            if (save) {
-              mean_ih.data_ptr<T_>()[t * B + b] = mx;
-              rstd_ih.data_ptr<T_>()[t * B + b] = rx;
-            }
-          }
-#pragma omp simd
-          for (int64_t k = 0; k < H4; ++k) {
-            const T_ xh = (hwr[k] - m1) * r1;
-            hh[k] = xh;
-            ga[k] = xh * g_p[k] + (xr[k] - mx) * rx * gi_p[k] + b_p[k];
-          }
-#pragma omp simd
-          for (int64_t k = 0; k < H; ++k) {  // activations i, f, o sigmoid; g tanh
-            ga[k] = t_sigmoid<T_>(ga[k]);
-            ga[H + k] = t_sigmoid<T_>(ga[H + k]);
-            ga[2 * H + k] = t_tanh<T_>(ga[2 * H + k]);
-            ga[3 * H + k] = t_sigmoid<T_>(ga[3 * H + k]);
-          }
-          T_* cr = c_p + b * H;
-#pragma omp simd
-          for (int64_t k = 0; k < H; ++k) cr[k] = ga[H + k] * cr[k] + ga[k] * ga[2 * H + k];
-          T_* hr = h_p + b * H;
-          if (cell_norm) {
-            T_ m2, r2;
-            row_stats(cr, H, eps, m2, r2);
-#pragma omp simd
-            for (int64_t k = 0; k < H; ++k) {
-              const T_ v = ga[3 * H + k] * t_tanh<T_>((cr[k] - m2) * r2 * wc_p[k] + bc_p[k]);
-              hr[k] = v;
-              o_row[k] = v;
-            }
-            if (save) {
-              mean2.data_ptr<T_>()[t * B + b] = m2;
-              rstd2.data_ptr<T_>()[t * B + b] = r2;
-            }
-          } else {
-#pragma omp simd
-            for (int64_t k = 0; k < H; ++k) {
-              const T_ v = ga[3 * H + k] * t_tanh<T_>(cr[k]);
-              hr[k] = v;
-              o_row[k] = v;
-            }
-          }
-          if (save) {
-            rstd1.data_ptr<T_>()[t * B + b] = r1;
-            std::memcpy(cs.data_ptr<T_>() + (t * B + b) * H, cr, H * sizeof(T_));
-          }
+    T_* hw_p = hw.data_ptr<T_>();
+    T_* hin_p = rec ? hin.data_ptr<T_>() : nullptr;
+    T_* m_p = proj ? mbuf.data_ptr<T_>() : nullptr;
+    T_* ht_p = proj ? htil.data_ptr<T_>() : nullptr;
+    T_* hh_s = save ? hw_hat.data_ptr<T_>() : nullptr;
+    T_* ga_s = save ? gates.data_ptr<T_>() : nullptr;
+    T_* cs_s = save ? cs.data_ptr<T_>() : nullptr;
+    T_* st_s = save ? stats.data_ptr<T_>() : nullptr;
+    const T_* a_p = rec ? hin_p : h_p;                        // the step GEMM's left operand
+
+    // the fused pass of row b at step t
+    auto row = [&](int64_t t, int64_t b, T_* scr) {
+      const int64_t tb = t * B + b;
+      T_* orow = out_p + tb * R;
+      T_* cr = c_p + b * H;
+      if (t >= L[b]) {  // past the end: state frozen, output zero (with a projection: the fix-up's job)
+        if (!proj) std::memset(orow, 0, R * sizeof(T_));
+        if (save) {
+          std::memset(hh_s + tb * G, 0, G * sizeof(T_));
+          std::memset(ga_s + tb * G, 0, G * sizeof(T_));
+          std::memset(st_s + tb * 5, 0, 5 * sizeof(T_));
+          std::memcpy(cs_s + tb * H, cr, H * sizeof(T_));
         }
-      });
-    }
+        return;
+      }
+      const T_* hwr = hw_p + b * G;
+      const T_* xr = xw_p + tb * G;
+      T_* hh = save ? hh_s + tb * G : scr + sl[0];
+      T_* ga = save ? ga_s + tb * G : scr + sl[1];
+      T_* ct = zc ? scr + sl[2] : cr;  // c~; without cell zoneout it is the new c, written in place
+      T_ m1, r1, mx, rx;
+      row_stats(hwr, G, eps, m1, r1);
+      row_stats(xr, G, eps, mx, rx);
+#pragma omp simd
+      for (int64_t k = 0; k < G; ++k) {
+        const T_ xh = (hwr[k] - m1) * r1;
+        hh[k] = xh;
+        ga[k] = xh * g_p[k] + (xr[k] - mx) * rx * gi_p[k] + b_p[k];
+      }
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {  // i, f, o sigmoid; g tanh
+        ga[k] = t_sigmoid<T_>(ga[k]);
+        ga[H + k] = t_sigmoid<T_>(ga[H + k]);
+        ga[2 * H + k] = t_tanh<T_>(ga[2 * H + k]);
+        ga[3 * H + k] = t_sigmoid<T_>(ga[3 * H + k]);
+      }
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) ct[k] = ga[H + k] * cr[k] + ga[k] * ga[2 * H + k];
+      T_ m2 = 0, r2 = 0;
+      if (cell_norm) row_stats(ct, H, eps, m2, r2);
+      // m = o tanh(LN(c~)); then h = m (+ zoneout), or with a projection m is kept for W_hr
+      T_* mrow = proj ? m_p + b * H : orow;
+      if (cell_norm) {
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) mrow[k] = ga[3 * H + k] * t_tanh<T_>((ct[k] - m2) * r2 * wc_p[k] + bc_p[k]);
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) mrow[k] = ga[3 * H + k] * t_tanh<T_>(ct[k]);
+      }
+      if (!proj) {
+        T_* hr = h_p + b * R;
+        if (zh) {
+          const T_* z = zh_p + tb * R;
+#pragma omp simd
+          for (int64_t k = 0; k < R; ++k) orow[k] += z[k] * (hr[k] - orow[k]);
+        }
+        std::memcpy(hr, orow, R * sizeof(T_));
+        if (rec) {
+          const T_* rm = rm_p + b * R;
+          T_* hi = hin_p + b * R;
+#pragma omp simd
+          for (int64_t k = 0; k < R; ++k) hi[k] = orow[k] * rm[k];
+        }
+      }
+      if (zc) {
+        const T_* z = zc_p + tb * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) cr[k] = ct[k] + z[k] * (cr[k] - ct[k]);
+      }
+      if (save) {
+        std::memcpy(cs_s + tb * H, cr, H * sizeof(T_));
+        T_* st = st_s + tb * 5;
+        st[0] = r1, st[1] = m2, st[2] = r2, st[3] = mx, st[4] = rx;
+      }
+    };
+
+    // LSTMP: h~ = m W_hr^T is in htil; zoneout, the length mask and the state update, for a block
+    auto proj_fixup = [&](int64_t t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+      for (int64_t b = r0; b < r1; ++b) {
+        T_* orow = out_p + (t * B + b) * R;
+        if (t >= L[b]) {
+          std::memset(orow + c0, 0, (c1 - c0) * sizeof(T_));
+          continue;
+        }
+        const T_* ht = ht_p + b * R;
+        T_* hr = h_p + b * R;
+        const T_* z = zh ? zh_p + (t * B + b) * R : nullptr;
+        for (int64_t k = c0; k < c1; ++k) {
+          const T_ v = zh ? ht[k] + z[k] * (hr[k] - ht[k]) : ht[k];
+          hr[k] = v;
+          orow[k] = v;
+        }
+        if (rec) {
+          for (int64_t k = c0; k < c1; ++k) hin_p[b * R + k] = hr[k] * rm_p[b * R + k];
+        }
+      }
+    };
+
+    run_region(split, [&](int id, const Guard& guard) {
+      T_* scr = scratch.data_ptr<T_>() + id * scratch_per_thread;
+      int64_t gr0, gr1, pr0, pr1, gc0, gc1, pc0, pc1;
+      split.gemm_rows(id, gr0, gr1);
+      split.pass_rows(id, pr0, pr1);
+      split.gemm_cols(id, G, gc0, gc1);
+      split.gemm_cols(id, R, pc0, pc1);
+      if (!split.cols) {  // brgemm's operands W^T, each thread a share, then everyone waits for them
+        guard([&] {
+          transpose_rows(w_p, G, R, G * id / split.nt, G * (id + 1) / split.nt, wt_p);
+          if (proj) transpose_rows(wr_p, R, H, R * id / split.nt, R * (id + 1) / split.nt, wrt_p);
+        });
+#pragma omp barrier
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        guard([&] {  // hw = (h ρ) W_hh^T for this thread's block
+          if (split.cols) {
+            thread_gemv<T_>(gr0, gr1, gc0, gc1, R, a_p, R, w_p, hw_p, G);
+          } else {
+            thread_gemm<T_>(gr1 - gr0, gc1 - gc0, R, a_p + gr0 * R, R, wt_p + gc0, G, hw_p + gr0 * G + gc0, G, false);
+          }
+        });
+        RNN_BARRIER(split);
+        guard([&] {
+          for (int64_t b = pr0; b < pr1; ++b) row(t, b, scr);
+        });
+        if (proj) {
+          RNN_BARRIER(split);
+          guard([&] {
+            if (split.cols) {
+              thread_gemv<T_>(gr0, gr1, pc0, pc1, H, m_p, H, wr_p, ht_p, R);
+            } else {
+              thread_gemm<T_>(gr1 - gr0, pc1 - pc0, H, m_p + gr0 * H, H, wrt_p + pc0, R, ht_p + gr0 * R + pc0, R, false);
+            }
+            proj_fixup(t, gr0, gr1, pc0, pc1);
+          });
+        }
+        RNN_BARRIER(split);
+      }
+    });
   };
-  if (xw.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
+  if (B > 0) {
+    if (xw.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
+  }
   if (!save) return {out, h, c};
-  return {out, h, c, hw_hat, gates, cs, rstd1, mean2, rstd2, mean_ih, rstd_ih};
+  return {out, h, c, hw_hat, gates, cs, stats};
 }
 
-// Returns dxw, dh0, dc0, dw_hh, dg_hh, dbias, dwc, dbc, dg_ih (undefined without g_ih). With g_ih,
-// xw is the raw projection the forward was given, and dxw is its gradient (through the input LN).
-std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhn, const at::Tensor& dcn,
-                                      const c10::optional<at::Tensor>& lengths, const at::Tensor& h0,
-                                      const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& g_hh,
-                                      const c10::optional<at::Tensor>& wc, const c10::optional<at::Tensor>& bc,
-                                      const at::Tensor& out, const at::Tensor& hw_hat, const at::Tensor& gates,
-                                      const at::Tensor& cs, const at::Tensor& rstd1, const at::Tensor& mean2,
-                                      const at::Tensor& rstd2, bool cell_norm, const c10::optional<at::Tensor>& xw,
-                                      const c10::optional<at::Tensor>& g_ih,
-                                      const c10::optional<at::Tensor>& mean_ih,
-                                      const c10::optional<at::Tensor>& rstd_ih) {
-  const int64_t T = gates.size(0), B = gates.size(1), H4 = gates.size(2), H = H4 / 4;
-  const bool ln_ih = g_ih.has_value() && g_ih->defined();
-  auto opts = gates.options();
+// The contract's backward -> dxw, dh0, dc0, dw_hh, dln_hh, dbias, dln_ih, dln_cell_weight,
+// dln_cell_bias, dw_hr (undefined where the input is absent).
+std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, const Tensor& h0, const Tensor& c0,
+                                  const Tensor& w_hh, const Tensor& g_hh, const OptTensor& bias, const Tensor& g_ih,
+                                  const OptTensor& ln_cell_weight, const OptTensor& ln_cell_bias,
+                                  const OptTensor& w_hr, const OptTensor& recurrent_mask,
+                                  const OptTensor& zoneout_h, const OptTensor& zoneout_c, double eps,
+                                  const Tensor& out, const Tensor& hw_hat, const Tensor& gates, const Tensor& cs,
+                                  const Tensor& stats, const Tensor& dout_in, const Tensor& dh_n, const Tensor& dc_n) {
+  at::NoGradGuard no_grad;  // called from autograd's backward too; nothing here is differentiated
+  (void)eps;
+  const int64_t T = xw.size(0), B = xw.size(1), G = xw.size(2), H = G / 4, R = h0.size(1);
+  const bool proj = has(w_hr), cell_norm = has(ln_cell_weight), rec = has(recurrent_mask);
+  const bool zh = has(zoneout_h), zc = has(zoneout_c);
+  auto opts = xw.options();
   auto dout = dout_in.contiguous();
-  auto dxw = empty_big({T, B, H4}, opts);
-  auto dhw = empty_big({T, B, H4}, opts);
-  auto dh = dhn.contiguous().clone();  // carried dL/dh_t
-  auto dc = dcn.contiguous().clone();  // carried dL/dc_t
-  // The row pass overwrites each row of dh with the part of dh_{t-1} that bypasses the GEMM (the
-  // GRU's u*dh, or the unchanged dh of a row past its length), after its last read of that row;
-  // the GEMM then adds dhw_t W_hh in place.
-  const StepGemm gemm(w_hh, /*transpose=*/false, B, /*pack=*/false);
-  auto acc_g = at::zeros({B, H4}, opts);  // per-row partial sums: deterministic for any split
-  auto acc_b = at::zeros({B, H4}, opts);
-  auto acc_wc = at::zeros({B, H}, opts);
-  auto acc_bc = at::zeros({B, H}, opts);
-  at::Tensor acc_gih, xw_c, gih_c, mih_c, rih_c;
-  if (ln_ih) {
-    acc_gih = at::zeros({B, H4}, opts);
-    xw_c = xw->contiguous();
-    gih_c = g_ih->contiguous();
-    mih_c = mean_ih->contiguous();
-    rih_c = rstd_ih->contiguous();
-  }
-  const auto L = lengths_vec(lengths, B, T);
-  auto g_c = g_hh.contiguous();
+  auto dxw = empty_big({T, B, G}, opts, 5);
+  auto dhw = empty_big({T, B, G}, opts, 6);
+  auto dh = dh_n.contiguous().clone();                          // dL/dh_t carried back, (B, R)
+  auto dc = dc_n.contiguous().clone();                          // dL/dc_t carried back, (B, H)
+  auto direct = at::empty({B, R}, opts);                        // the part of dL/dh_{t-1} that bypasses W_hh
+  auto w_hh_c = w_hh.contiguous();                              // (4H, R): dh_{t-1} = dhw_t W_hh
+  Tensor w_hr_c = proj ? w_hr->contiguous() : Tensor();         // (R, H): dm = dh~ W_hr
+  Tensor dm = proj ? at::empty({B, H}, opts) : Tensor();
+  Tensor dht_all = proj ? empty_big({T, B, R}, opts, 7) : Tensor();  // dL/dh~_t, for dW_hr
+  Tensor m_all = proj ? empty_big({T, B, H}, opts, 8) : Tensor();    // m_t recomputed, for dW_hr
+  Tensor sgemm = rec ? at::empty({B, R}, opts) : Tensor();
   auto c0_c = c0.contiguous();
-  at::Tensor wc_c = cell_norm ? wc->contiguous() : at::Tensor();
-  at::Tensor bc_c = cell_norm ? bc->contiguous() : at::Tensor();
+  const auto L = lengths_vec(lengths, B, T);
+  const Split split = Split::make(B);
+  // Per-thread sums of the parameter gradients over the thread's rows and all steps, added up in
+  // thread order at the end: deterministic for a given thread count. (Per-row sums, (B, 4H) each,
+  // did not stay in L2 next to W_hh.)
+  auto acc_g = at::zeros({split.nt, G}, opts);
+  auto acc_b = at::zeros({split.nt, G}, opts);
+  auto acc_gi = at::zeros({split.nt, G}, opts);
+  auto acc_wc = at::zeros({split.nt, H}, opts);
+  auto acc_bc = at::zeros({split.nt, H}, opts);
+  const auto sl = scratch_layout({H, H, H, H, H, G, G, 2 * G});
+  const int64_t scratch_per_thread = sl.back();
+  auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
 
   auto body = [&](auto tag_) {
     using T_ = decltype(tag_);
-    const T_* g_p = g_c.data_ptr<T_>();
-    const T_* wc_p = cell_norm ? wc_c.data_ptr<T_>() : nullptr;
-    const T_* bc_p = cell_norm ? bc_c.data_ptr<T_>() : nullptr;
+    const T_* xw_p = xw.data_ptr<T_>();
+    const T_* g_p = g_hh.data_ptr<T_>();
+    const T_* gi_p = g_ih.data_ptr<T_>();
+    const T_* wc_p = ptr_or_null<T_>(ln_cell_weight);
+    const T_* bc_p = ptr_or_null<T_>(ln_cell_bias);
+    const T_* rm_p = ptr_or_null<T_>(recurrent_mask);
+    const T_* zh_p = ptr_or_null<T_>(zoneout_h);
+    const T_* zc_p = ptr_or_null<T_>(zoneout_c);
+    const T_* w_p = w_hh_c.data_ptr<T_>();
+    const T_* wr_p = proj ? w_hr_c.data_ptr<T_>() : nullptr;
     const T_* do_p = dout.data_ptr<T_>();
     const T_* hh_p = hw_hat.data_ptr<T_>();
     const T_* ga_p = gates.data_ptr<T_>();
     const T_* cs_p = cs.data_ptr<T_>();
+    const T_* st_p = stats.data_ptr<T_>();
     const T_* c0_p = c0_c.data_ptr<T_>();
-    const T_* r1_p = rstd1.data_ptr<T_>();
-    const T_* m2_p = cell_norm ? mean2.data_ptr<T_>() : nullptr;
-    const T_* r2_p = cell_norm ? rstd2.data_ptr<T_>() : nullptr;
     T_* dxw_p = dxw.data_ptr<T_>();
     T_* dhw_p = dhw.data_ptr<T_>();
     T_* dh_p = dh.data_ptr<T_>();
     T_* dc_p = dc.data_ptr<T_>();
+    T_* dir_p = direct.data_ptr<T_>();
+    T_* dm_p = proj ? dm.data_ptr<T_>() : nullptr;
+    T_* dht_p = proj ? dht_all.data_ptr<T_>() : nullptr;
+    T_* mall_p = proj ? m_all.data_ptr<T_>() : nullptr;
+    T_* sg_p = rec ? sgemm.data_ptr<T_>() : nullptr;
     T_* ag_p = acc_g.data_ptr<T_>();
     T_* ab_p = acc_b.data_ptr<T_>();
+    T_* agi_p = acc_gi.data_ptr<T_>();
     T_* awc_p = acc_wc.data_ptr<T_>();
     T_* abc_p = acc_bc.data_ptr<T_>();
-    const T_* xw_p = ln_ih ? xw_c.data_ptr<T_>() : nullptr;
-    const T_* gih_p = ln_ih ? gih_c.data_ptr<T_>() : nullptr;
-    const T_* mih_p = ln_ih ? mih_c.data_ptr<T_>() : nullptr;
-    const T_* rih_p = ln_ih ? rih_c.data_ptr<T_>() : nullptr;
-    T_* agi_p = ln_ih ? acc_gih.data_ptr<T_>() : nullptr;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      at::parallel_for(0, B, grain_for(B, H), [&](int64_t b0, int64_t b1) {
-        std::vector<T_> buf(3 * H + H4 + (ln_ih ? 2 * H4 : 0));
-        T_* dch = buf.data();      // d c_hat (H)
-        T_* dov = dch + H;         // d o after activation (H)
-        T_* dhh = dov + H;         // d hw_hat (4H); then d of the input LN's x_hat
-        T_* dAb = dhh + H4;        // with g_ih: the gate gradient dA (4H) ...
-        T_* xih = dAb + H4;        // ... and the input LN's x_hat (4H)
-        T_* tcb = buf.data() + 2 * H + H4 + (ln_ih ? 2 * H4 : 0);  // tanh(LN(c_t)) (H)
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t tb = t * B + b;
-          T_* dxr = dxw_p + tb * H4;
-          T_* dhr = dhw_p + tb * H4;
-          T_* dhc = dh_p + b * H;
-          T_* dcc = dc_p + b * H;
-          if (t >= L[b]) {  // padding step: gradients pass through the frozen state untouched
-            std::memset(dxr, 0, H4 * sizeof(T_));
-            std::memset(dhr, 0, H4 * sizeof(T_));
-            // dh stays as it is: it is this row's `direct`
-            continue;
+
+    // LSTMP: dL/dh~_t and `direct` for a block of (rows, R columns)
+    auto proj_pre = [&](int64_t t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+      for (int64_t b = r0; b < r1; ++b) {
+        const int64_t tb = t * B + b;
+        T_* dht = dht_p + tb * R;
+        T_* dir = dir_p + b * R;
+        const T_* dhc = dh_p + b * R;
+        if (t >= L[b]) {
+          for (int64_t k = c0; k < c1; ++k) {
+            dir[k] = dhc[k];
+            dht[k] = T_(0);
           }
-          T_* dA = ln_ih ? dAb : dxr;  // without the input LN, dA is dxw itself
-          const T_* ga = ga_p + tb * H4;
-          const T_* hh = hh_p + tb * H4;
-          const T_* cr = cs_p + tb * H;
-          const T_* cp = t > 0 ? cs_p + (tb - B) * H : c0_p + b * H;
-          const T_* dor = do_p + tb * H;
-          const T_* gi = ga;
-          const T_* gf = ga + H;
-          const T_* gg = ga + 2 * H;
-          const T_* go = ga + 3 * H;
-          if (cell_norm) {
-            const T_ m2 = m2_p[tb], r2 = r2_p[tb];
-            T_* awc = awc_p + b * H;
-            T_* abc = abc_p + b * H;
-            T_ s1 = 0, s2 = 0;
-            // Three loops where one would do: written as one `simd reduction` loop that also stored
-            // four arrays and called tanh, gcc reported it vectorized, yet the scalar version is what
-            // ran (vdivss/vmulss in perf annotate): a third of the backward row pass. As a tanh loop, an
-            // elementwise loop and a plain two-sum reduction, all three run vectorized (checked the
-            // same way); the LSTM B=32 forward+backward is ~12% faster.
-#pragma omp simd
-            for (int64_t k = 0; k < H; ++k) tcb[k] = t_tanh<T_>((cr[k] - m2) * r2 * wc_p[k] + bc_p[k]);
-#pragma omp simd
-            for (int64_t k = 0; k < H; ++k) {
-              const T_ chat = (cr[k] - m2) * r2;
-              const T_ tc = tcb[k];
-              const T_ dhv = dor[k] + dhc[k];
-              dov[k] = dhv * tc;
-              const T_ dcn = dhv * go[k] * (T_(1) - tc * tc);
-              awc[k] += dcn * chat;
-              abc[k] += dcn;
-              dch[k] = dcn * wc_p[k];
-            }
-#pragma omp simd reduction(+ : s1, s2)
-            for (int64_t k = 0; k < H; ++k) {
-              s1 += dch[k];
-              s2 += dch[k] * ((cr[k] - m2) * r2);
-            }
-            const T_ m1 = s1 / T_(H), mm2 = s2 / T_(H);
-#pragma omp simd
-            for (int64_t k = 0; k < H; ++k) {
-              const T_ chat = (cr[k] - m2) * r2;
-              dch[k] = r2 * (dch[k] - m1 - chat * mm2) + dcc[k];  // now the full dL/dc_t
-            }
-          } else {
-#pragma omp simd
-            for (int64_t k = 0; k < H; ++k) {
-              const T_ tc = t_tanh<T_>(cr[k]);
-              const T_ dhv = dor[k] + dhc[k];
-              dov[k] = dhv * tc;
-              dch[k] = dhv * go[k] * (T_(1) - tc * tc) + dcc[k];
-            }
-          }
+          continue;
+        }
+        const T_* dor = do_p + tb * R;
+        const T_* z = zh ? zh_p + tb * R : nullptr;
+        for (int64_t k = c0; k < c1; ++k) {
+          const T_ dhv = dor[k] + dhc[k];
+          dht[k] = zh ? dhv * (T_(1) - z[k]) : dhv;
+          dir[k] = zh ? z[k] * dhv : T_(0);
+        }
+      }
+    };
+
+    auto prefetch = [&](int64_t t, int64_t b) {
+      if (t < 0 || t >= L[b]) return;
+      const int64_t tb = t * B + b;
+      prefetch_row(xw_p + tb * G, G);
+      prefetch_row(hh_p + tb * G, G);
+      prefetch_row(ga_p + tb * G, G);
+      prefetch_row(cs_p + tb * H, H);
+      if (t > 0) prefetch_row(cs_p + (tb - B) * H, H);
+      prefetch_row(do_p + tb * R, R);
+    };
+
+    auto row = [&](int64_t t, int64_t b, T_* scr, int id) {
+      const int64_t tb = t * B + b;
+      T_* dxr = dxw_p + tb * G;
+      T_* dhr = dhw_p + tb * G;
+      T_* dcc = dc_p + b * H;
+      if (t >= L[b]) {  // padding step: gradients pass through the frozen state untouched
+        std::memset(dxr, 0, G * sizeof(T_));
+        std::memset(dhr, 0, G * sizeof(T_));
+        if (!proj) std::memcpy(dir_p + b * R, dh_p + b * R, R * sizeof(T_));
+        if (proj) std::memset(mall_p + tb * H, 0, H * sizeof(T_));
+        return;
+      }
+      T_* dmr = scr + sl[0];      // dL/dm (H)
+      T_* dch = scr + sl[1];      // d c~ from the output path (H)
+      T_* dov = scr + sl[2];      // d o after activation (H)
+      T_* tcb = scr + sl[3];      // tanh(LN(c~)) (H)
+      T_* ctb = scr + sl[4];      // c~ under cell zoneout (H)
+      T_* dA = scr + sl[5];       // gate pre-activation gradient (4H)
+      T_* dhh = scr + sl[6];      // d hw_hat, then d of the input LN's x_hat (4H)
+      T_* xih = scr + sl[7];      // the input LN's x_hat (4H), then dA g_ih (4H)
+      const T_* ga = ga_p + tb * G;
+      const T_* hh = hh_p + tb * G;
+      const T_* st = st_p + tb * 5;
+      const T_* cp = t > 0 ? cs_p + (tb - B) * H : c0_p + b * H;
+      const T_* gi = ga;
+      const T_* gf = ga + H;
+      const T_* gg = ga + 2 * H;
+      const T_* go = ga + 3 * H;
+      if (proj) {
+        std::memcpy(dmr, dm_p + b * H, H * sizeof(T_));
+      } else {  // R = H: dL/dm = dL/dh~ = (dout + dh)(1 - zeta); `direct` = zeta (dout + dh)
+        const T_* dor = do_p + tb * R;
+        const T_* dhc = dh_p + b * R;
+        T_* dir = dir_p + b * R;
+        if (zh) {
+          const T_* z = zh_p + tb * R;
 #pragma omp simd
           for (int64_t k = 0; k < H; ++k) {
-            const T_ dcv = dch[k];
-            dA[k] = dcv * gg[k] * gi[k] * (T_(1) - gi[k]);
-            dA[H + k] = dcv * cp[k] * gf[k] * (T_(1) - gf[k]);
-            dA[2 * H + k] = dcv * gi[k] * (T_(1) - gg[k] * gg[k]);
-            dA[3 * H + k] = dov[k] * go[k] * (T_(1) - go[k]);
-            dcc[k] = dcv * gf[k];
-            dhc[k] = T_(0);  // dh_{t-1} of this row: only the GEMM's part
+            const T_ dhv = dor[k] + dhc[k];
+            dmr[k] = dhv * (T_(1) - z[k]);
+            dir[k] = z[k] * dhv;
           }
-          T_* ag = ag_p + b * H4;
-          T_* ab = ab_p + b * H4;
+        } else {
 #pragma omp simd
-          for (int64_t k = 0; k < H4; ++k) {
-            ag[k] += dA[k] * hh[k];
-            ab[k] += dA[k];
-            dhh[k] = dA[k] * g_p[k];
-          }
-          ln_backward_row(dhh, hh, H4, r1_p[tb], dhr);
-          if (ln_ih) {  // dA is the gradient of LN(xw) g_ih: back through the input LN
-            const T_* xr = xw_p + tb * H4;
-            const T_ mx = mih_p[tb], rx = rih_p[tb];
-            T_* agi = agi_p + b * H4;
-#pragma omp simd
-            for (int64_t k = 0; k < H4; ++k) {
-              const T_ xh = (xr[k] - mx) * rx;
-              xih[k] = xh;
-              agi[k] += dA[k] * xh;
-              dhh[k] = dA[k] * gih_p[k];
-            }
-            ln_backward_row(dhh, xih, H4, rx, dxr);
+          for (int64_t k = 0; k < H; ++k) {
+            dmr[k] = dor[k] + dhc[k];
+            dir[k] = T_(0);
           }
         }
-      });
-      // dh_{t-1} = direct + dhw_t @ W_hh  (direct, already in dh: 0, or the dh of rows past their end)
-      auto dhw_t = dhw[t];
-      gemm.run(dhw_t, dh, true);
-    }
+      }
+      const T_* ct = cs_p + tb * H;
+      if (zc) {  // c~ = f c_{t-1} + i g (the saved c_t is the zoned state)
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) ctb[k] = gf[k] * cp[k] + gi[k] * gg[k];
+        ct = ctb;
+      }
+      if (cell_norm) {
+        const T_ m2 = st[1], r2 = st[2];
+        T_* awc = awc_p + id * H;
+        T_* abc = abc_p + id * H;
+        // three loops where one would do: as one `simd reduction` loop that also stored four arrays
+        // and called tanh, it ran scalar (docs/rnn_fast.md, "scalar loops")
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) tcb[k] = t_tanh<T_>((ct[k] - m2) * r2 * wc_p[k] + bc_p[k]);
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) {
+          const T_ chat = (ct[k] - m2) * r2;
+          const T_ tc = tcb[k];
+          dov[k] = dmr[k] * tc;
+          const T_ dpre = dmr[k] * go[k] * (T_(1) - tc * tc);
+          awc[k] += dpre * chat;
+          abc[k] += dpre;
+          dch[k] = dpre * wc_p[k];
+        }
+        using V = Vec<T_>;
+        const T_ s1 = reduce_row<T_>(H, [&](int64_t k) { return V::load(dch + k); }, [&](int64_t k) { return dch[k]; });
+        const T_ s2 = reduce_row<T_>(
+            H, [&](int64_t k) { return V::load(dch + k) * ((V::load(ct + k) - m2) * r2); },
+            [&](int64_t k) { return dch[k] * ((ct[k] - m2) * r2); });
+        const T_ mm1 = s1 / T_(H), mm2 = s2 / T_(H);
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) dch[k] = r2 * (dch[k] - mm1 - (ct[k] - m2) * r2 * mm2);
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) tcb[k] = t_tanh<T_>(ct[k]);
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) {
+          const T_ tc = tcb[k];
+          dov[k] = dmr[k] * tc;
+          dch[k] = dmr[k] * go[k] * (T_(1) - tc * tc);
+        }
+      }
+      if (proj) {
+        T_* mr = mall_p + tb * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) mr[k] = go[k] * tcb[k];
+      }
+      if (zc) {
+        const T_* z = zc_p + tb * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) {
+          const T_ dcv = dch[k] + dcc[k] * (T_(1) - z[k]);
+          dA[k] = dcv * gg[k] * gi[k] * (T_(1) - gi[k]);
+          dA[H + k] = dcv * cp[k] * gf[k] * (T_(1) - gf[k]);
+          dA[2 * H + k] = dcv * gi[k] * (T_(1) - gg[k] * gg[k]);
+          dA[3 * H + k] = dov[k] * go[k] * (T_(1) - go[k]);
+          dcc[k] = dcv * gf[k] + z[k] * dcc[k];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) {
+          const T_ dcv = dch[k] + dcc[k];
+          dA[k] = dcv * gg[k] * gi[k] * (T_(1) - gi[k]);
+          dA[H + k] = dcv * cp[k] * gf[k] * (T_(1) - gf[k]);
+          dA[2 * H + k] = dcv * gi[k] * (T_(1) - gg[k] * gg[k]);
+          dA[3 * H + k] = dov[k] * go[k] * (T_(1) - go[k]);
+          dcc[k] = dcv * gf[k];
+        }
+      }
+      // Both layer-norm backwards of dA in two passes over 4H: the recurrent one (gain g_hh, x_hat =
+      // hw_hat) and the input one (gain g_ih, x_hat recomputed from xw), with the parameter
+      // gradients' row sums. Written as eight passes (two per LN backward's sums, one each for its
+      // output, one each for the accumulations), the row pass waited on its loads of the saved rows.
+      lstm_gate_backward(G, dA, hh, xw_p + tb * G, st[3], st[4], g_p, gi_p, ag_p + id * G, ab_p + id * G,
+                         agi_p + id * G, dhh, xih, st[0], dhr, dxr);
+    };
+
+    // dh_{t-1} = direct + (dhw_t W_hh) rho for a block of (rows, R columns)
+    auto dh_gemm = [&](int64_t t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+      const T_* a = dhw_p + (t * B + r0) * G;
+      if (!rec) {
+        for (int64_t b = r0; b < r1; ++b) std::memcpy(dh_p + b * R + c0, dir_p + b * R + c0, (c1 - c0) * sizeof(T_));
+        thread_gemm<T_>(r1 - r0, c1 - c0, G, a, G, w_p + c0, R, dh_p + r0 * R + c0, R, true);
+        return;
+      }
+      thread_gemm<T_>(r1 - r0, c1 - c0, G, a, G, w_p + c0, R, sg_p + r0 * R + c0, R, false);
+      for (int64_t b = r0; b < r1; ++b)
+        for (int64_t k = c0; k < c1; ++k) dh_p[b * R + k] = dir_p[b * R + k] + sg_p[b * R + k] * rm_p[b * R + k];
+    };
+
+    run_region(split, [&](int id, const Guard& guard) {
+      T_* scr = scratch.data_ptr<T_>() + id * scratch_per_thread;
+      int64_t gr0, gr1, pr0, pr1, hc0, hc1, rc0, rc1;
+      split.gemm_rows(id, gr0, gr1);
+      split.pass_rows(id, pr0, pr1);
+      split.gemm_cols(id, H, hc0, hc1);
+      split.gemm_cols(id, R, rc0, rc1);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        if (proj) {
+          guard([&] { proj_pre(t, gr0, gr1, rc0, rc1); });
+          RNN_BARRIER(split);
+          guard([&] {  // dm = dh~_t W_hr
+            thread_gemm<T_>(gr1 - gr0, hc1 - hc0, R, dht_p + (t * B + gr0) * R, R, wr_p + hc0, H,
+                            dm_p + gr0 * H + hc0, H, false);
+          });
+          RNN_BARRIER(split);
+        }
+        guard([&] {
+          for (int64_t b = pr0; b < pr1; ++b) {
+            if (b + 1 < pr1) prefetch(t, b + 1); else prefetch(t - 1, pr0);
+            row(t, b, scr, id);
+          }
+        });
+        RNN_BARRIER(split);
+        guard([&] { dh_gemm(t, gr0, gr1, rc0, rc1); });
+        RNN_BARRIER(split);
+      }
+    });
   };
-  if (gates.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
-  // dW_hh = sum_t dhw_t^T h_{t-1}: one GEMM over all steps instead of T rank-B updates
-  auto hprev = at::empty({T, B, H}, opts);
+  if (B > 0) {
+    if (xw.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
+  }
+  // dW_hh = sum_t dhw_t^T (h_{t-1} rho): one GEMM over all steps instead of T rank-B updates
+  auto hprev = at::empty({T, B, R}, opts);
   hprev[0].copy_(h0);
   if (T > 1) hprev.narrow(0, 1, T - 1).copy_(out.narrow(0, 0, T - 1));
-  auto dw = gemm_new(dhw.view({T * B, H4}).t(), hprev.view({T * B, H}), gemm_lib());
-  auto dg = acc_g.sum(0);
-  auto dbias = acc_b.sum(0);
-  at::Tensor dwc, dbc, dg_ih;
+  if (rec) hprev.mul_(*recurrent_mask);
+  auto dw = gemm_new(dhw.view({T * B, G}).t(), hprev.view({T * B, R}));
+  Tensor dbias = has(bias) ? acc_b.sum(0) : Tensor();
+  Tensor dwc, dbc, dw_hr;
   if (cell_norm) {
     dwc = acc_wc.sum(0);
     dbc = acc_bc.sum(0);
   }
-  if (ln_ih) dg_ih = acc_gih.sum(0);
-  return {dxw, dh, dc, dw, dg, dbias, dwc, dbc, dg_ih};
+  if (proj) dw_hr = gemm_new(dht_all.view({T * B, R}).t(), m_all.view({T * B, H}));
+  return {dxw, dh, dc, dw, acc_g.sum(0), dbias, acc_gi.sum(0), dwc, dbc, dw_hr};
 }
 
 // ----------------------------------------------------------------------------------------------
-// GRU
+// GRU. G = 3H: r, u (nn.GRU's z), n; the LNs run over [0, 2H) and [2H, 3H) apart.
 // ----------------------------------------------------------------------------------------------
 
-// Saved: hw_hat (3H, normalized per block), gates r, u, n after activation (3H), rstd of both blocks,
-// and with g_ih (3H; see lstm_forward) the input LN's (mean, rstd) of both blocks, (T, B, 4).
-std::vector<at::Tensor> gru_forward(const at::Tensor& xw, const c10::optional<at::Tensor>& lengths,
-                                    const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& g_hh,
-                                    const c10::optional<at::Tensor>& bias_ih,
-                                    const c10::optional<at::Tensor>& bias_hh, double eps, bool save,
-                                    const c10::optional<at::Tensor>& g_ih) {
-  const int64_t T = xw.size(0), B = xw.size(1), H3 = xw.size(2), H = H3 / 3, H2 = 2 * H;
+// The contract's forward. Saved: hw_hat (T,B,3H), gates r, u, n (T,B,3H), stats (T,B,6) = rstd_hh_ru,
+// rstd_hh_n, mean_ih_ru, rstd_ih_ru, mean_ih_n, rstd_ih_n; zeros on steps past a row's length.
+std::vector<Tensor> gru_forward(const Tensor& xw, const OptTensor& lengths, const Tensor& h0, const Tensor& w_hh,
+                                const Tensor& g_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
+                                const Tensor& g_ih, const OptTensor& recurrent_mask, const OptTensor& zoneout_h,
+                                double eps, bool save) {
+  at::NoGradGuard no_grad;  // called from autograd's backward too; nothing here is differentiated
+  const int64_t T = xw.size(0), B = xw.size(1), G = xw.size(2), H = G / 3, H2 = 2 * H;
+  const bool rec = has(recurrent_mask), zh = has(zoneout_h);
   auto opts = xw.options();
-  auto out = empty_big({T, B, H}, opts);
+  auto out = empty_big({T, B, H}, opts, 0);
   auto h = h0.contiguous().clone();
-  auto hw = at::empty({B, H3}, opts);
-  const bool ln_ih = g_ih.has_value() && g_ih->defined();
-  at::Tensor hw_hat, gates, rstd, stats_ih;
-  if (save) {
-    hw_hat = empty_big({T, B, H3}, opts);
-    gates = empty_big({T, B, H3}, opts);
-    rstd = at::empty({T, B, 2}, opts);
-    if (ln_ih) stats_ih = at::empty({T, B, 4}, opts);
-  } else {
-    hw_hat = at::empty({1, B, H3}, opts);
-    gates = at::empty({1, B, H3}, opts);
-  }
-  const auto L = lengths_vec(lengths, B, T);
-  const StepGemm gemm(w_hh, /*transpose=*/true, B, /*pack=*/true);
+  auto hw = at::empty({B, G}, opts);
+  const Split split = Split::make(B);
+  auto w_hh_c = w_hh.contiguous();
+  Tensor wt = split.cols ? Tensor() : at::empty({H, G}, opts);  // W_hh^T, filled in the region (column split: gemv_rows)
+  Tensor hin = rec ? h * *recurrent_mask : Tensor();
   // b_ih and b_hh add up everywhere except b_hh's candidate slice, which sits inside r * (.)
-  auto bx = at::zeros({H3}, opts);
+  auto bx = at::zeros({G}, opts);
   auto bn = at::zeros({H}, opts);
-  if (bias_ih.has_value() && bias_ih->defined()) bx.add_(*bias_ih);
-  if (bias_hh.has_value() && bias_hh->defined()) {
+  if (has(bias_ih)) bx.add_(*bias_ih);
+  if (has(bias_hh)) {
     bx.narrow(0, 0, H2).add_(bias_hh->narrow(0, 0, H2));
     bn.copy_(bias_hh->narrow(0, H2, H));
   }
-  auto g_c = g_hh.contiguous();
-  at::Tensor gih_c = ln_ih ? g_ih->contiguous() : at::ones({H3}, opts);  // as lstm_forward
+  Tensor hw_hat, gates, stats;
+  if (save) {
+    hw_hat = empty_big({T, B, G}, opts, 1);
+    gates = empty_big({T, B, G}, opts, 2);
+    stats = at::empty({T, B, 6}, opts);
+  }
+  const auto L = lengths_vec(lengths, B, T);
+  const auto sl = scratch_layout({G, G});  // hw_hat, gates (inference)
+  const int64_t scratch_per_thread = sl.back();
+  auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
 
   auto body = [&](auto tag_) {
     using T_ = decltype(tag_);
     const T_* xw_p = xw.data_ptr<T_>();
-    const T_* g_p = g_c.data_ptr<T_>();
-    const T_* gi_p = gih_c.data_ptr<T_>();
+    const T_* g_p = g_hh.data_ptr<T_>();
+    const T_* gi_p = g_ih.data_ptr<T_>();
     const T_* bx_p = bx.data_ptr<T_>();
     const T_* bn_p = bn.data_ptr<T_>();
+    const T_* rm_p = ptr_or_null<T_>(recurrent_mask);
+    const T_* zh_p = ptr_or_null<T_>(zoneout_h);
+    const T_* w_p = w_hh_c.data_ptr<T_>();
+    T_* wt_p = wt.defined() ? wt.data_ptr<T_>() : nullptr;
     T_* out_p = out.data_ptr<T_>();
     T_* h_p = h.data_ptr<T_>();
-    for (int64_t t = 0; t < T; ++t) {
-      const at::Tensor hw_t = gemm.run(h, hw, false);  // (B, 3H) = h W_hh^T
-      const T_* hw_p = hw_t.data_ptr<T_>();
-      const int64_t ts = save ? t : 0;
-      T_* hh_t = hw_hat.data_ptr<T_>() + ts * B * H3;
-      T_* ga_t = gates.data_ptr<T_>() + ts * B * H3;
-      at::parallel_for(0, B, grain_for(B, H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          T_* o_row = out_p + (t * B + b) * H;
-          T_* hh = hh_t + b * H3;
-          T_* ga = ga_t + b * H3;
-          if (t >= L[b]) {
-            std::memset(o_row, 0, H * sizeof(T_));
-            if (save) {
-              std::memset(hh, 0, H3 * sizeof(T_));
-              std::memset(ga, 0, H3 * sizeof(T_));
-              rstd.data_ptr<T_>()[(t * B + b) * 2] = 0;
-              rstd.data_ptr<T_>()[(t * B + b) * 2 + 1] = 0;
-              if (ln_ih) std::memset(stats_ih.data_ptr<T_>() + (t * B + b) * 4, 0, 4 * sizeof(T_));
-            }
-            continue;
-          }
-          const T_* hwr = hw_p + b * H3;
-          const T_* xr = xw_p + (t * B + b) * H3;
-          T_ ma, ra, mb, rb, mxa = 0, rxa = 1, mxb = 0, rxb = 1;
-          row_stats(hwr, H2, eps, ma, ra);
-          row_stats(hwr + H2, H, eps, mb, rb);
-          if (ln_ih) {
-            row_stats(xr, H2, eps, mxa, rxa);
-            row_stats(xr + H2, H, eps, mxb, rxb);
-            if (save) {
-              T_* st = stats_ih.data_ptr<T_>() + (t * B + b) * 4;
-              st[0] = mxa, st[1] = rxa, st[2] = mxb, st[3] = rxb;
-            }
-          }
-#pragma omp simd
-          for (int64_t k = 0; k < H2; ++k) {
-            const T_ xh = (hwr[k] - ma) * ra;
-            hh[k] = xh;
-            ga[k] = t_sigmoid<T_>(xh * g_p[k] + (xr[k] - mxa) * rxa * gi_p[k] + bx_p[k]);
-          }
-          T_* hr = h_p + b * H;
-#pragma omp simd
-          for (int64_t k = 0; k < H; ++k) {
-            const T_ xh = (hwr[H2 + k] - mb) * rb;
-            hh[H2 + k] = xh;
-            const T_ xn = (xr[H2 + k] - mxb) * rxb * gi_p[H2 + k];
-            const T_ n = t_tanh<T_>(xn + bx_p[H2 + k] + ga[k] * (xh * g_p[H2 + k] + bn_p[k]));
-            ga[H2 + k] = n;
-            const T_ u = ga[H + k];
-            const T_ v = u * hr[k] + (T_(1) - u) * n;
-            hr[k] = v;
-            o_row[k] = v;
-          }
-          if (save) {
-            rstd.data_ptr<T_>()[(t * B + b) * 2] = ra;
-            rstd.data_ptr<T_>()[(t * B + b) * 2 + 1] = rb;
-          }
+    T_* hw_p = hw.data_ptr<T_>();
+    T_* hin_p = rec ? hin.data_ptr<T_>() : nullptr;
+    T_* hh_s = save ? hw_hat.data_ptr<T_>() : nullptr;
+    T_* ga_s = save ? gates.data_ptr<T_>() : nullptr;
+    T_* st_s = save ? stats.data_ptr<T_>() : nullptr;
+    const T_* a_p = rec ? hin_p : h_p;
+
+    auto row = [&](int64_t t, int64_t b, T_* scr) {
+      const int64_t tb = t * B + b;
+      T_* orow = out_p + tb * H;
+      if (t >= L[b]) {
+        std::memset(orow, 0, H * sizeof(T_));
+        if (save) {
+          std::memset(hh_s + tb * G, 0, G * sizeof(T_));
+          std::memset(ga_s + tb * G, 0, G * sizeof(T_));
+          std::memset(st_s + tb * 6, 0, 6 * sizeof(T_));
         }
-      });
-    }
+        return;
+      }
+      const T_* hwr = hw_p + b * G;
+      const T_* xr = xw_p + tb * G;
+      T_* hh = save ? hh_s + tb * G : scr + sl[0];
+      T_* ga = save ? ga_s + tb * G : scr + sl[1];
+      T_ ma, ra, mb, rb, mxa, rxa, mxb, rxb;
+      row_stats(hwr, H2, eps, ma, ra);
+      row_stats(hwr + H2, H, eps, mb, rb);
+      row_stats(xr, H2, eps, mxa, rxa);
+      row_stats(xr + H2, H, eps, mxb, rxb);
+#pragma omp simd
+      for (int64_t k = 0; k < H2; ++k) {
+        const T_ xh = (hwr[k] - ma) * ra;
+        hh[k] = xh;
+        ga[k] = t_sigmoid<T_>(xh * g_p[k] + (xr[k] - mxa) * rxa * gi_p[k] + bx_p[k]);
+      }
+      T_* hr = h_p + b * H;
+      const T_* z = zh ? zh_p + tb * H : nullptr;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        const T_ xh = (hwr[H2 + k] - mb) * rb;
+        hh[H2 + k] = xh;
+        const T_ xn = (xr[H2 + k] - mxb) * rxb * gi_p[H2 + k];
+        const T_ n = t_tanh<T_>(xn + bx_p[H2 + k] + ga[k] * (xh * g_p[H2 + k] + bn_p[k]));
+        ga[H2 + k] = n;
+        const T_ u = ga[H + k];
+        orow[k] = u * hr[k] + (T_(1) - u) * n;
+      }
+      if (zh) {
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) orow[k] += z[k] * (hr[k] - orow[k]);
+      }
+      std::memcpy(hr, orow, H * sizeof(T_));
+      if (rec) {
+        const T_* rm = rm_p + b * H;
+        T_* hi = hin_p + b * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) hi[k] = orow[k] * rm[k];
+      }
+      if (save) {
+        T_* st = st_s + tb * 6;
+        st[0] = ra, st[1] = rb, st[2] = mxa, st[3] = rxa, st[4] = mxb, st[5] = rxb;
+      }
+    };
+
+    run_region(split, [&](int id, const Guard& guard) {
+      T_* scr = scratch.data_ptr<T_>() + id * scratch_per_thread;
+      int64_t gr0, gr1, pr0, pr1, gc0, gc1;
+      split.gemm_rows(id, gr0, gr1);
+      split.pass_rows(id, pr0, pr1);
+      split.gemm_cols(id, G, gc0, gc1);
+      if (!split.cols) {
+        guard([&] { transpose_rows(w_p, G, H, G * id / split.nt, G * (id + 1) / split.nt, wt_p); });
+#pragma omp barrier
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        guard([&] {
+          if (split.cols) {
+            thread_gemv<T_>(gr0, gr1, gc0, gc1, H, a_p, H, w_p, hw_p, G);
+          } else {
+            thread_gemm<T_>(gr1 - gr0, gc1 - gc0, H, a_p + gr0 * H, H, wt_p + gc0, G, hw_p + gr0 * G + gc0, G, false);
+          }
+        });
+        RNN_BARRIER(split);
+        guard([&] {
+          for (int64_t b = pr0; b < pr1; ++b) row(t, b, scr);
+        });
+        RNN_BARRIER(split);
+      }
+    });
   };
-  if (xw.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
+  if (B > 0) {
+    if (xw.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
+  }
   if (!save) return {out, h};
-  return {out, h, hw_hat, gates, rstd, stats_ih};
+  return {out, h, hw_hat, gates, stats};
 }
 
-// Returns dxw, dh0, dw_hh, dg_hh, dbias_ih, dbias_hh, dg_ih (undefined without g_ih; see lstm_backward).
-std::vector<at::Tensor> gru_backward(const at::Tensor& dout_in, const at::Tensor& dhn,
-                                     const c10::optional<at::Tensor>& lengths, const at::Tensor& h0,
-                                     const at::Tensor& w_hh, const at::Tensor& g_hh,
-                                     const c10::optional<at::Tensor>& bias_hh, const at::Tensor& out,
-                                     const at::Tensor& hw_hat, const at::Tensor& gates, const at::Tensor& rstd,
-                                     const c10::optional<at::Tensor>& xw, const c10::optional<at::Tensor>& g_ih,
-                                     const c10::optional<at::Tensor>& stats_ih) {
-  const int64_t T = gates.size(0), B = gates.size(1), H3 = gates.size(2), H = H3 / 3, H2 = 2 * H;
-  const bool ln_ih = g_ih.has_value() && g_ih->defined();
-  auto opts = gates.options();
+// The contract's backward -> dxw, dh0, dw_hh, dln_hh, dbias_ih, dbias_hh, dln_ih.
+std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, const Tensor& h0, const Tensor& w_hh,
+                                 const Tensor& g_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
+                                 const Tensor& g_ih, const OptTensor& recurrent_mask, const OptTensor& zoneout_h,
+                                 double eps, const Tensor& out, const Tensor& hw_hat, const Tensor& gates,
+                                 const Tensor& stats, const Tensor& dout_in, const Tensor& dh_n) {
+  at::NoGradGuard no_grad;  // called from autograd's backward too; nothing here is differentiated
+  (void)eps;
+  const int64_t T = xw.size(0), B = xw.size(1), G = xw.size(2), H = G / 3, H2 = 2 * H;
+  const bool rec = has(recurrent_mask), zh = has(zoneout_h);
+  auto opts = xw.options();
   auto dout = dout_in.contiguous();
-  auto dxw = empty_big({T, B, H3}, opts);
-  auto dhw = empty_big({T, B, H3}, opts);
-  auto dh = dhn.contiguous().clone();
-  const StepGemm gemm(w_hh, /*transpose=*/false, B, /*pack=*/false);  // dh_{t-1} = direct + dhw_t W_hh, as the LSTM
-  auto acc_g = at::zeros({B, H3}, opts);
-  auto acc_b = at::zeros({B, H3}, opts);   // d b_ih
-  auto acc_bn = at::zeros({B, H}, opts);  // d b_hh[2H:]
-  at::Tensor acc_gih, xw_c, gih_c, sih_c;
-  if (ln_ih) {
-    acc_gih = at::zeros({B, H3}, opts);
-    xw_c = xw->contiguous();
-    gih_c = g_ih->contiguous();
-    sih_c = stats_ih->contiguous();
-  }
-  const auto L = lengths_vec(lengths, B, T);
-  auto g_c = g_hh.contiguous();
+  auto dxw = empty_big({T, B, G}, opts, 5);
+  auto dhw = empty_big({T, B, G}, opts, 6);
+  auto dh = dh_n.contiguous().clone();
+  auto direct = at::empty({B, H}, opts);
+  auto w_hh_c = w_hh.contiguous();                              // (3H, H)
+  Tensor sgemm = rec ? at::empty({B, H}, opts) : Tensor();
   auto bn = at::zeros({H}, opts);
-  if (bias_hh.has_value() && bias_hh->defined()) bn.copy_(bias_hh->narrow(0, H2, H));
-  auto hprev = at::empty({T, B, H}, opts);
-  hprev[0].copy_(h0);
-  if (T > 1) hprev.narrow(0, 1, T - 1).copy_(out.narrow(0, 0, T - 1));
+  if (has(bias_hh)) bn.copy_(bias_hh->narrow(0, H2, H));
+  auto h0_c = h0.contiguous();
+  const auto L = lengths_vec(lengths, B, T);
+  const Split split = Split::make(B);
+  auto acc_g = at::zeros({split.nt, G}, opts);                   // per-thread sums, as in lstm_backward
+  auto acc_b = at::zeros({split.nt, G}, opts);                   // d b_ih
+  auto acc_bn = at::zeros({split.nt, H}, opts);                  // d b_hh[2H:]
+  auto acc_gi = at::zeros({split.nt, G}, opts);
+  const auto sl = scratch_layout({G, G, G});
+  const int64_t scratch_per_thread = sl.back();
+  auto scratch = at::empty({split.nt, scratch_per_thread}, opts);
 
   auto body = [&](auto tag_) {
     using T_ = decltype(tag_);
-    const T_* g_p = g_c.data_ptr<T_>();
+    const T_* xw_p = xw.data_ptr<T_>();
+    const T_* g_p = g_hh.data_ptr<T_>();
+    const T_* gi_p = g_ih.data_ptr<T_>();
     const T_* bn_p = bn.data_ptr<T_>();
+    const T_* rm_p = ptr_or_null<T_>(recurrent_mask);
+    const T_* zh_p = ptr_or_null<T_>(zoneout_h);
+    const T_* w_p = w_hh_c.data_ptr<T_>();
     const T_* do_p = dout.data_ptr<T_>();
     const T_* hh_p = hw_hat.data_ptr<T_>();
     const T_* ga_p = gates.data_ptr<T_>();
-    const T_* hp_p = hprev.data_ptr<T_>();
-    const T_* rs_p = rstd.data_ptr<T_>();
+    const T_* st_p = stats.data_ptr<T_>();
+    const T_* out_p = out.data_ptr<T_>();
+    const T_* h0_p = h0_c.data_ptr<T_>();
     T_* dxw_p = dxw.data_ptr<T_>();
     T_* dhw_p = dhw.data_ptr<T_>();
     T_* dh_p = dh.data_ptr<T_>();
+    T_* dir_p = direct.data_ptr<T_>();
+    T_* sg_p = rec ? sgemm.data_ptr<T_>() : nullptr;
     T_* ag_p = acc_g.data_ptr<T_>();
     T_* ab_p = acc_b.data_ptr<T_>();
     T_* abn_p = acc_bn.data_ptr<T_>();
-    const T_* xw_p = ln_ih ? xw_c.data_ptr<T_>() : nullptr;
-    const T_* gih_p = ln_ih ? gih_c.data_ptr<T_>() : nullptr;
-    const T_* sih_p = ln_ih ? sih_c.data_ptr<T_>() : nullptr;
-    T_* agi_p = ln_ih ? acc_gih.data_ptr<T_>() : nullptr;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      at::parallel_for(0, B, grain_for(B, H), [&](int64_t b0, int64_t b1) {
-        std::vector<T_> buf(H3 + (ln_ih ? 2 * H3 : 0));
-        T_* dhh = buf.data();  // d hw_hat (3H); then d of the input LN's x_hat
-        T_* dAb = dhh + H3;    // with g_ih: the gradient of LN(xw) g_ih (3H) ...
-        T_* xih = dAb + H3;    // ... and the input LN's x_hat (3H)
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t tb = t * B + b;
-          T_* dxr = dxw_p + tb * H3;
-          T_* dhr = dhw_p + tb * H3;
-          T_* dhc = dh_p + b * H;
-          if (t >= L[b]) {
-            std::memset(dxr, 0, H3 * sizeof(T_));
-            std::memset(dhr, 0, H3 * sizeof(T_));
-            // dh stays as it is: it is this row's `direct`
-            continue;
-          }
-          T_* dA = ln_ih ? dAb : dxr;  // without the input LN, dA is dxw itself
-          const T_* ga = ga_p + tb * H3;
-          const T_* hh = hh_p + tb * H3;
-          const T_* hp = hp_p + tb * H;
-          const T_* dor = do_p + tb * H;
-          T_* ag = ag_p + b * H3;
-          T_* abn = abn_p + b * H;
+    T_* agi_p = acc_gi.data_ptr<T_>();
+
+    auto row = [&](int64_t t, int64_t b, T_* scr, int id) {
+      const int64_t tb = t * B + b;
+      T_* dxr = dxw_p + tb * G;
+      T_* dhr = dhw_p + tb * G;
+      const T_* dhc = dh_p + b * H;
+      T_* dir = dir_p + b * H;
+      if (t >= L[b]) {
+        std::memset(dxr, 0, G * sizeof(T_));
+        std::memset(dhr, 0, G * sizeof(T_));
+        std::memcpy(dir, dhc, H * sizeof(T_));  // dh passes the frozen state untouched
+        return;
+      }
+      T_* dA = scr + sl[0];   // gate pre-activation gradient (3H)
+      T_* dhh = scr + sl[1];  // d hw_hat; then d of the input LN's x_hat (3H)
+      T_* xih = scr + sl[2];  // the input LN's x_hat (3H)
+      const T_* ga = ga_p + tb * G;
+      const T_* hh = hh_p + tb * G;
+      const T_* st = st_p + tb * 6;
+      const T_* hp = t > 0 ? out_p + (tb - B) * H : h0_p + b * H;
+      const T_* dor = do_p + tb * H;
+      const T_* z = zh ? zh_p + tb * H : nullptr;
+      T_* ag = ag_p + id * G;
+      T_* abn = abn_p + id * H;
 #pragma omp simd
-          for (int64_t k = 0; k < H; ++k) {
-            const T_ r = ga[k], u = ga[H + k], n = ga[H2 + k];
-            const T_ dhv = dor[k] + dhc[k];
-            const T_ dnp = dhv * (T_(1) - u) * (T_(1) - n * n);  // d of the candidate's pre-activation
-            const T_ hn = hh[H2 + k] * g_p[H2 + k] + bn_p[k];
-            const T_ dhn = dnp * r;
-            dA[k] = dnp * hn * r * (T_(1) - r);                    // d r pre-activation
-            dA[H + k] = dhv * (hp[k] - n) * u * (T_(1) - u);       // d u pre-activation
-            dA[H2 + k] = dnp;
-            abn[k] += dhn;
-            ag[H2 + k] += dhn * hh[H2 + k];
-            dhh[H2 + k] = dhn * g_p[H2 + k];
-            dhc[k] = dhv * u;  // the part of dh_{t-1} that bypasses the GEMM
-          }
+      for (int64_t k = 0; k < H; ++k) {
+        const T_ r = ga[k], u = ga[H + k], n = ga[H2 + k];
+        const T_ dhv = dor[k] + dhc[k];
+        const T_ dht = zh ? dhv * (T_(1) - z[k]) : dhv;        // dL/dh~
+        const T_ dnp = dht * (T_(1) - u) * (T_(1) - n * n);    // d of the candidate's pre-activation
+        const T_ hn = hh[H2 + k] * g_p[H2 + k] + bn_p[k];
+        const T_ dhn = dnp * r;
+        dA[k] = dnp * hn * r * (T_(1) - r);                    // d r pre-activation
+        dA[H + k] = dht * (hp[k] - n) * u * (T_(1) - u);       // d u pre-activation
+        dA[H2 + k] = dnp;
+        abn[k] += dhn;
+        ag[H2 + k] += dhn * hh[H2 + k];
+        dhh[H2 + k] = dhn * g_p[H2 + k];
+        dir[k] = dht * u + (zh ? z[k] * dhv : T_(0));          // the part of dh_{t-1} that bypasses W_hh
+      }
 #pragma omp simd
-          for (int64_t k = 0; k < H2; ++k) {
-            ag[k] += dA[k] * hh[k];
-            dhh[k] = dA[k] * g_p[k];
-          }
-          ln_backward_row(dhh, hh, H2, rs_p[tb * 2], dhr);
-          ln_backward_row(dhh + H2, hh + H2, H, rs_p[tb * 2 + 1], dhr + H2);
-          T_* ab = ab_p + b * H3;
+      for (int64_t k = 0; k < H2; ++k) {
+        ag[k] += dA[k] * hh[k];
+        dhh[k] = dA[k] * g_p[k];
+      }
+      ln_backward_row(dhh, hh, H2, st[0], dhr);
+      ln_backward_row(dhh + H2, hh + H2, H, st[1], dhr + H2);
+      T_* ab = ab_p + id * G;
 #pragma omp simd
-          for (int64_t k = 0; k < H3; ++k) ab[k] += dA[k];
-          if (ln_ih) {  // back through the input LN, one block (r,u: 2H; n: H) at a time
-            const T_* xr = xw_p + tb * H3;
-            const T_* st = sih_p + tb * 4;
-            T_* agi = agi_p + b * H3;
-            // one loop per block: with the block choice inside the loop (k < 2H ? ...), this loop ran
-            // scalar (a fifth of the GRU backward's row pass in perf annotate)
-            for (int blk = 0; blk < 2; ++blk) {
-              const int64_t k0 = blk == 0 ? 0 : H2, k1 = blk == 0 ? H2 : H3;
-              const T_ mean = st[2 * blk], rstd = st[2 * blk + 1];
+      for (int64_t k = 0; k < G; ++k) ab[k] += dA[k];
+      // back through the input LN, one block (r,u: 2H; n: H) at a time. One loop per block: with the
+      // block choice inside the loop (k < 2H ? ...), it ran scalar (docs/rnn_fast.md)
+      const T_* xr = xw_p + tb * G;
+      T_* agi = agi_p + id * G;
+      for (int blk = 0; blk < 2; ++blk) {
+        const int64_t k0 = blk == 0 ? 0 : H2, k1 = blk == 0 ? H2 : G;
+        const T_ mean = st[2 + 2 * blk], rstd = st[3 + 2 * blk];
 #pragma omp simd
-              for (int64_t k = k0; k < k1; ++k) {
-                const T_ xh = (xr[k] - mean) * rstd;
-                xih[k] = xh;
-                agi[k] += dA[k] * xh;
-                dhh[k] = dA[k] * gih_p[k];
-              }
-            }
-            ln_backward_row(dhh, xih, H2, st[1], dxr);
-            ln_backward_row(dhh + H2, xih + H2, H, st[3], dxr + H2);
-          }
+        for (int64_t k = k0; k < k1; ++k) {
+          const T_ xh = (xr[k] - mean) * rstd;
+          xih[k] = xh;
+          agi[k] += dA[k] * xh;
+          dhh[k] = dA[k] * gi_p[k];
         }
-      });
-      auto dhw_t = dhw[t];
-      gemm.run(dhw_t, dh, true);
-    }
+      }
+      ln_backward_row(dhh, xih, H2, st[3], dxr);
+      ln_backward_row(dhh + H2, xih + H2, H, st[5], dxr + H2);
+    };
+
+    auto dh_gemm = [&](int64_t t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+      const T_* a = dhw_p + (t * B + r0) * G;
+      if (!rec) {
+        for (int64_t b = r0; b < r1; ++b) std::memcpy(dh_p + b * H + c0, dir_p + b * H + c0, (c1 - c0) * sizeof(T_));
+        thread_gemm<T_>(r1 - r0, c1 - c0, G, a, G, w_p + c0, H, dh_p + r0 * H + c0, H, true);
+        return;
+      }
+      thread_gemm<T_>(r1 - r0, c1 - c0, G, a, G, w_p + c0, H, sg_p + r0 * H + c0, H, false);
+      for (int64_t b = r0; b < r1; ++b)
+        for (int64_t k = c0; k < c1; ++k) dh_p[b * H + k] = dir_p[b * H + k] + sg_p[b * H + k] * rm_p[b * H + k];
+    };
+
+    run_region(split, [&](int id, const Guard& guard) {
+      T_* scr = scratch.data_ptr<T_>() + id * scratch_per_thread;
+      int64_t gr0, gr1, pr0, pr1, hc0, hc1;
+      split.gemm_rows(id, gr0, gr1);
+      split.pass_rows(id, pr0, pr1);
+      split.gemm_cols(id, H, hc0, hc1);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        guard([&] {
+          for (int64_t b = pr0; b < pr1; ++b) row(t, b, scr, id);
+        });
+        RNN_BARRIER(split);
+        guard([&] { dh_gemm(t, gr0, gr1, hc0, hc1); });
+        RNN_BARRIER(split);
+      }
+    });
   };
-  if (gates.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
-  auto dw = gemm_new(dhw.view({T * B, H3}).t(), hprev.view({T * B, H}), gemm_lib());
-  auto dg = acc_g.sum(0);
+  if (B > 0) {
+    if (xw.scalar_type() == at::kDouble) body(double(0)); else body(float(0));
+  }
+  auto hprev = at::empty({T, B, H}, opts);
+  hprev[0].copy_(h0);
+  if (T > 1) hprev.narrow(0, 1, T - 1).copy_(out.narrow(0, 0, T - 1));
+  if (rec) hprev.mul_(*recurrent_mask);
+  auto dw = gemm_new(dhw.view({T * B, G}).t(), hprev.view({T * B, H}));
   auto dbih = acc_b.sum(0);
-  auto dbhh = dbih.clone();
-  dbhh.narrow(0, H2, H).copy_(acc_bn.sum(0));
-  at::Tensor dg_ih = ln_ih ? acc_gih.sum(0) : at::Tensor();
-  return {dxw, dh, dw, dg, dbih, dbhh, dg_ih};
+  Tensor dbhh;
+  if (has(bias_hh)) {
+    dbhh = dbih.clone();
+    dbhh.narrow(0, H2, H).copy_(acc_bn.sum(0));
+  }
+  return {dxw, dh, dw, acc_g.sum(0), has(bias_ih) ? dbih : Tensor(), dbhh, acc_gi.sum(0)};
 }
 
 }  // namespace
@@ -931,13 +1386,17 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& dout_in, const at::Tensor
 namespace layernorm {
 
 void bind_rnn(pybind11::module& m) {
-  m.def("lstm_forward", &lstm_forward);
-  m.def("lstm_backward", &lstm_backward);
-  m.def("gru_forward", &gru_forward);
-  m.def("gru_backward", &gru_backward);
-  m.def("linear_forward", &linear_forward);
-  m.def("linear_backward", &linear_backward);
-  m.def("gemm_library", []() { return gemm_lib() == GemmLib::kOneDnn ? "onednn" : "mkl"; });
+  m.def("lstm_forward", &lstm_forward, "LN-LSTM recurrence forward (layernorm/rnn/contract.py)");
+  m.def("lstm_backward", &lstm_backward, "LN-LSTM recurrence backward");
+  m.def("gru_forward", &gru_forward, "LN-GRU recurrence forward");
+  m.def("gru_backward", &gru_backward, "LN-GRU recurrence backward");
+  m.def("linear_forward", &linear_forward, "x @ w.T through the large-GEMM library");
+  m.def("linear_backward", &linear_backward, "(dx, dw) of x @ w.T");
+  m.def("gemm_library", []() { return onednn_enabled() ? "onednn" : "aten"; });
+  m.def("_set_step_gemm", [](const std::string& name) {
+    TORCH_CHECK(name == "brgemm" || name == "blas", "step GEMM must be 'brgemm' or 'blas', but got '", name, "'");
+    g_step_gemm = name == "brgemm" ? 0 : 1;
+  }, "the per-step float32 GEMM kernel, for A/B measurement");
 }
 
 }  // namespace layernorm
