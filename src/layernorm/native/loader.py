@@ -52,14 +52,18 @@ class BuildFailed(RuntimeError):
 def arch_flags() -> Tuple[str, List[str]]:
     """(tag, flags) for the instruction set torch itself dispatches to on this CPU.
 
-    AVX-512 machines get the AVX2 build: the kernels are bound by memory, and 256-bit vectors were
-    as fast as 512-bit ones for them (docs/backends.md) without the clock drop some CPUs take.
+    The norm kernels are AVX2 everywhere: they are bound by memory, and 256-bit vectors were as fast
+    as 512-bit ones for them (docs/backends.md) without the clock drop some CPUs take. On AVX-512
+    machines the recurrent row passes (``rnn.cpp``), whose transcendentals are bound by compute, are
+    compiled for 512-bit vectors (``LAYERNORM_AVX512``; docs/rnn_fast.md, "Which instruction set").
     """
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
         capability = "DEFAULT"
-    if capability in ("AVX2", "AVX512"):
+    if capability == "AVX512":
+        return "avx512", ["-mavx2", "-mfma", "-mf16c", "-DLAYERNORM_AVX512"]
+    if capability == "AVX2":
         return "avx2", ["-mavx2", "-mfma", "-mf16c"]
     return "generic", []
 
