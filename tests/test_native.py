@@ -265,6 +265,19 @@ def test_a_new_process_loads_without_building():
     assert {p: p.stat().st_mtime_ns for p in library.parent.iterdir()} == before
 
 
+def test_import_does_not_load_the_compiler_stack():
+    """`import layernorm` stays cheap: nothing imports torch._dynamo (about a second) or triton."""
+    out = _python(
+        """
+        import sys
+        import layernorm
+        print(sorted(m for m in ("torch._dynamo", "triton", "transformers") if m in sys.modules))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 # ---- the build -------------------------------------------------------------------------------------------
 
 

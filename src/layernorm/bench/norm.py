@@ -471,7 +471,10 @@ def run(args: argparse.Namespace, extra_providers: Sequence[Provider] = (), cons
 
 
 # Above these, a run is flagged as too noisy to trust (a quiet run of this machine stays well below).
-NOISE_LIMITS = {"load_average": 1.0, "spread": 0.15, "frac_copy": 1.3}
+# frac_copy: `copy_` writes through the caches, so each output line is first read (3 transfers per
+# element); the native forward writes outputs of 32 MiB and more with streaming stores (2 transfers),
+# so up to 1.5x a copy is physical there. 1.6 leaves that a tenth of margin.
+NOISE_LIMITS = {"load_average": 1.0, "spread": 0.15, "frac_copy": 1.6}
 
 
 def assess_noise(doc: dict) -> dict:

@@ -21,16 +21,13 @@ from .dispatch import implementation, resolve
 __all__ = ["lstm_recurrence", "gru_recurrence", "resolved_backend"]
 
 
-@torch.compiler.assume_constant_result
-def _resolve_constant(backend: Optional[str], device_type: str, dtype: torch.dtype) -> str:
-    return resolve(backend, device_type, dtype)
-
-
 def resolved_backend(backend: Optional[str], device, dtype: torch.dtype) -> str:
     """The concrete backend (``reference``, ``torch``, ``cpp``, ``triton``) ``backend`` runs for tensors
     of this device and dtype (resolved once while tracing under ``torch.compile``)."""
     if torch.compiler.is_compiling():
-        return _resolve_constant(backend, torch.device(device).type, dtype)
+        from ._compile import resolve_constant
+
+        return resolve_constant(backend, torch.device(device).type, dtype)
     return resolve(backend, device, dtype)
 
 
