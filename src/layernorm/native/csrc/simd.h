@@ -45,9 +45,9 @@ using I32x8 = int32_t __attribute__((vector_size(32)));
 
 template <typename A>
 inline Vec<A> splat(A v) {
-  Vec<A> out;
-  for (int i = 0; i < kLanes<A>; ++i) out[i] = v;
-  return out;
+  // Scalar-vector arithmetic broadcasts the scalar: one vbroadcastss. (Filling the lanes one by one
+  // compiled to a chain of vinsertps that gcc did not hoist out of the backward's inner loop.)
+  return Vec<A>{} + v;
 }
 
 template <typename A>
