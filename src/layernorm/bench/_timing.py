@@ -15,6 +15,7 @@ interquartile range over the median, says how noisy the repeats were).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
@@ -119,6 +120,37 @@ def _time_cuda(fn, device: torch.device, cfg: TimerConfig) -> Timing:
     return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """The garbage collector off (after one collection) while timing: a collection inside a timed call
+    would land on whichever provider happened to trigger it."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def rotating_rounds(fns: Dict[str, Callable[[], object]], reps: int,
+                    sync: Callable[[], None]) -> Dict[str, List[float]]:
+    """ms of each call over ``reps`` rounds: one call of every provider per round, the order rotating
+    from round to round, so a load that drifts over seconds reaches every provider alike."""
+    names = list(fns)
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    for r in range(reps):
+        for j in range(len(names)):
+            k = names[(r + j) % len(names)]
+            sync()
+            t0 = time.perf_counter()
+            fns[k]()
+            sync()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
                      cfg: Optional[TimerConfig] = None) -> Dict[str, Timing]:
     """Median time of each ``fns[k]()``, the providers timed in turn within every repeat.
@@ -129,33 +161,18 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
     slowest provider's warm-up time, so every provider gets the same number of repeats.
     """
     cfg = cfg or TimerConfig()
-    names = list(fns)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         per_call = {}
-        for k in names:
+        for k, fn in fns.items():
             sync()
             t0 = time.perf_counter()
             for _ in range(max(1, cfg.warmup)):
-                fns[k]()
+                fn()
             sync()
             per_call[k] = (time.perf_counter() - t0) / max(1, cfg.warmup)
-        n = _reps(sum(per_call.values()) / len(names), cfg)  # the budget of one provider, as time_fn
-        times: Dict[str, List[float]] = {k: [] for k in names}
-        for r in range(n):
-            for j in range(len(names)):
-                k = names[(r + j) % len(names)]
-                sync()
-                t0 = time.perf_counter()
-                fns[k]()
-                sync()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+        n = _reps(sum(per_call.values()) / len(fns), cfg)  # the budget of one provider, as time_fn
+        times = rotating_rounds(fns, n, sync)
     return {k: _summary(v) for k, v in times.items()}
 
 

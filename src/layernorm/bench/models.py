@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import statistics
@@ -44,6 +43,7 @@ from torch import nn
 
 from ._machine import describe_machine
 from ._malloc import malloc_state
+from ._timing import gc_paused, rotating_rounds
 
 __all__ = ["FAMILIES", "SIZES", "build_model", "model_inputs", "perturb_norms", "run", "agreement", "fused_step",
            "main"]
@@ -207,28 +207,12 @@ def model_inputs(family: str, model: nn.Module, size: str = "tiny", *, seed: int
 
 def _samples(fns: Dict[str, Callable[[], object]], reps: int, warmup: int, sync: Callable[[], None]) -> Dict[str, List[float]]:
     """Per provider, ``reps`` times in ms, one call of each provider per round in rotating order."""
-    names = list(fns)
     for _ in range(warmup):
-        for k in names:
-            fns[k]()
+        for fn in fns.values():
+            fn()
     sync()
-    out: Dict[str, List[float]] = {k: [] for k in names}
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(reps):
-            for j in range(len(names)):
-                k = names[(r + j) % len(names)]
-                sync()
-                t0 = time.perf_counter()
-                fns[k]()
-                sync()
-                out[k].append((time.perf_counter() - t0) * 1e3)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return out
+    with gc_paused():
+        return rotating_rounds(fns, reps, sync)
 
 
 def _stats(ms: List[float]) -> dict:

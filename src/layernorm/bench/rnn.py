@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ._malloc import malloc_state, maybe_reexec
 from ._machine import describe_machine
+from ._timing import gc_paused, rotating_rounds
 
 __all__ = ["main", "NaiveLNLSTM", "NaiveLNGRU", "saved_tensor_bytes"]
 
@@ -149,37 +150,19 @@ def _interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, rep
     """ms of each call: one call of every provider per round, the order rotating; gc off while timing.
 
     ``reps`` rounds, fewer when ``budget_s`` (per provider) runs out first (at least 5)."""
-    import gc
-
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    names = list(fns)
-    times: Dict[str, List[float]] = {k: [] for k in names}
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         slowest = 0.0
-        for k in names:
+        for fn in fns.values():
             sync()
             t0 = time.perf_counter()
             for _ in range(warmup):
-                fns[k]()
+                fn()
             sync()
             slowest = max(slowest, (time.perf_counter() - t0) / max(warmup, 1))
         if budget_s is not None and slowest > 0:
             reps = int(min(reps, max(5, budget_s / slowest)))
-        for r in range(reps):
-            for j in range(len(names)):
-                k = names[(r + j) % len(names)]
-                sync()
-                t0 = time.perf_counter()
-                fns[k]()
-                sync()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    finally:
-        if was:
-            gc.enable()
-    return times
+        return rotating_rounds(fns, reps, sync)
 
 
 def _summary(ms: List[float]) -> dict:
