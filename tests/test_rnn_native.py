@@ -15,6 +15,7 @@ import torch
 from layernorm import rnn
 from layernorm.rnn import dispatch
 
+from _rnn_cases import cast, recurrence_args, run_recurrence
 from tolerances import assert_close, assert_flash_rule
 
 EXT = dispatch.native()
@@ -30,42 +31,6 @@ def _restore():
         EXT._set_step_gemm("brgemm")
 
 
-def _args(mode, T, B, H, P, options, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0, offset=0.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
-                                           + offset).to(dtype).requires_grad_(True)
-    G = (4 if mode == "lstm" else 3) * H
-    R = P or H
-    masks = torch.Generator().manual_seed(seed + 1)
-    mask = lambda p, *s: (torch.rand(*s, generator=masks) < p).to(dtype)  # noqa: E731
-    lengths = torch.tensor([T - (b % 3) for b in range(B)]) if options else None
-    kw = dict(recurrent_mask=mask(0.7, B, R) / 0.7 if options else None,
-              zoneout_h=mask(0.2, T, B, R) if options else None)
-    common = [r(T, B, G), lengths, r(B, R, scale=0.5)]
-    if mode == "lstm":
-        args = common + [r(B, H, scale=0.5), r(G, R, scale=R ** -0.5), r(G, scale=0.2, offset=1), r(G, scale=0.3),
-                         r(G, scale=0.2, offset=1), r(H, scale=0.2, offset=1), r(H, scale=0.3)]
-        kw.update(w_hr=r(R, H, scale=H ** -0.5) if P else None, zoneout_c=mask(0.3, T, B, H) if options else None)
-    else:
-        args = common + [r(G, H, scale=H ** -0.5), r(G, scale=0.2, offset=1), r(G, scale=0.3), r(G, scale=0.3),
-                         r(G, scale=0.2, offset=1)]
-    return args, kw
-
-
-def _run(mode, args, kw, backend):
-    fn = rnn.lstm_recurrence if mode == "lstm" else rnn.gru_recurrence
-    res = fn(*args, **kw, backend=backend)
-    g = torch.Generator().manual_seed(9)
-    loss = sum((x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)).sum() for x in res)
-    leaves = [a for a in list(args) + list(kw.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
-    return list(res) + list(torch.autograd.grad(loss, leaves))
-
-
-def _to(args, kw, dtype):
-    conv = lambda a: a.detach().to(dtype).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a  # noqa: E731,E501
-    return [conv(a) for a in args], {k: conv(v) for k, v in kw.items()}
-
-
 SPLITS = [  # (threads, B): B >= 2 * threads splits rows, smaller B splits columns with barriers
     (1, 1), (1, 5), (2, 1), (2, 3), (2, 4), (2, 33), (3, 2), (3, 7),
 ]
@@ -78,21 +43,21 @@ SPLITS = [  # (threads, B): B >= 2 * threads splits rows, smaller B splits colum
 def test_float32_every_split_against_float64(step_gemm, threads, B, mode, H, P, options):
     EXT._set_step_gemm(step_gemm)
     torch.set_num_threads(threads)
-    args, kw = _args(mode, 5, B, H, P, options, torch.float32)
-    got = _run(mode, args, kw, "cpp")
-    torch32 = _run(mode, args, kw, "torch")
-    a64, k64 = _to(args, kw, torch.float64)
-    truth = _run(mode, a64, k64, "reference")
+    args, kw = recurrence_args(mode, 5, B, H, P, options, torch.float32)
+    got = run_recurrence(mode, args, kw, "cpp")
+    torch32 = run_recurrence(mode, args, kw, "torch")
+    a64, k64 = cast(args, kw, torch.float64)
+    truth = run_recurrence(mode, a64, k64, "reference")
     for k, (x, y, t) in enumerate(zip(got, torch32, truth)):
         assert_flash_rule(x, y, t, kind="fwd" if k < 3 else "bwd", dtype=torch.float32, name=f"output {k}")
 
 
 def test_float32_results_do_not_depend_much_on_the_thread_count():
-    args, kw = _args("lstm", 6, 9, 40, 0, True, torch.float32)
+    args, kw = recurrence_args("lstm", 6, 9, 40, 0, True, torch.float32)
     outs = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
-        outs.append(_run("lstm", args, kw, "cpp"))
+        outs.append(run_recurrence("lstm", args, kw, "cpp"))
     for other in outs[1:]:
         for k, (x, y) in enumerate(zip(other, outs[0])):
             assert_close(x, y, kind="fwd" if k < 3 else "bwd", msg=f"output {k}")
@@ -122,12 +87,12 @@ def test_input_projection_matches_matmul(T, B, I, N):
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration:UserWarning")
 def test_without_onednn_the_large_gemms_use_aten():
-    args, kw = _args("lstm", 4, 6, 16, 0, False, torch.float32)
-    with_dnn = _run("lstm", args, kw, "cpp")
+    args, kw = recurrence_args("lstm", 4, 6, 16, 0, False, torch.float32)
+    with_dnn = run_recurrence("lstm", args, kw, "cpp")
     assert EXT.gemm_library() == "onednn" or not torch.backends.mkldnn.is_available()
     with torch.backends.mkldnn.flags(enabled=False):
         assert EXT.gemm_library() == "aten"
-        without = _run("lstm", args, kw, "cpp")
+        without = run_recurrence("lstm", args, kw, "cpp")
     for k, (x, y) in enumerate(zip(without, with_dnn)):
         assert_close(x, y, kind="fwd" if k < 3 else "bwd", msg=f"output {k}")
     assert rnn.native_gemm_library() == EXT.gemm_library()

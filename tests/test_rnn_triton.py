@@ -29,6 +29,7 @@ if DEVICE != "cpu" and not torch.cuda.is_available():
 from layernorm import rnn  # noqa: E402
 from layernorm.rnn import dispatch  # noqa: E402
 
+from _rnn_cases import cast, recurrence_args, run_recurrence  # noqa: E402
 from tolerances import assert_close, tol  # noqa: E402
 
 rt = pytest.importorskip("layernorm.rnn.impl_triton")
@@ -46,48 +47,13 @@ def _no_backend_env(monkeypatch):
     monkeypatch.delenv(dispatch.ENV, raising=False)
 
 
-def _args(mode, T, B, H, dtype, seed=0, options=True):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0, offset=0.0: (torch.randn(*s, generator=g) * scale + offset).to(  # noqa: E731
-        dtype=dtype, device=DEVICE).requires_grad_(True)
-    G = (4 if mode == "lstm" else 3) * H
-    masks = torch.Generator().manual_seed(seed + 1)
-    mask = lambda p, *s: (torch.rand(*s, generator=masks) < p).to(dtype=dtype, device=DEVICE)  # noqa: E731
-    lengths = torch.tensor([T - (b % 3) for b in range(B)]) if options else None
-    P = 3 if options and mode == "lstm" else H
-    kw = dict(recurrent_mask=mask(0.7, B, P) / 0.7 if options else None, zoneout_h=mask(0.2, T, B, P) if options else None)
-    common = [r(T, B, G), lengths, r(B, P, scale=0.5)]
-    if mode == "lstm":
-        args = common + [r(B, H, scale=0.5), r(G, P, scale=P ** -0.5), r(G, scale=0.2, offset=1), r(G, scale=0.3),
-                         r(G, scale=0.2, offset=1), r(H, scale=0.2, offset=1), r(H, scale=0.3)]
-        kw.update(w_hr=r(P, H, scale=H ** -0.5) if options else None, zoneout_c=mask(0.3, T, B, H) if options else None)
-    else:
-        args = common + [r(G, H, scale=H ** -0.5), r(G, scale=0.2, offset=1), r(G, scale=0.3), r(G, scale=0.3),
-                         r(G, scale=0.2, offset=1)]
-    return args, kw
-
-
-def _run(mode, args, kw, backend):
-    fn = rnn.lstm_recurrence if mode == "lstm" else rnn.gru_recurrence
-    res = fn(*args, **kw, backend=backend)
-    g = torch.Generator().manual_seed(9)
-    loss = sum((x.float() * torch.randn(x.shape, generator=g).to(DEVICE)).sum() for x in res)
-    leaves = [a for a in list(args) + list(kw.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
-    return list(res) + list(torch.autograd.grad(loss, leaves))
-
-
-def _cast(args, kw, dtype):
-    conv = lambda a: a.detach().to(dtype).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a  # noqa: E731,E501
-    return [conv(a) for a in args], {k: conv(v) for k, v in kw.items()}
-
-
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("options", [False, True])
 def test_float32_against_float64(mode, options):
-    args, kw = _args(mode, 4, 5, 8, torch.float32, options=options)
-    got = _run(mode, args, kw, "triton")
-    a64, k64 = _cast(args, kw, torch.float64)
-    want = _run(mode, a64, k64, "reference")
+    args, kw = recurrence_args(mode, 4, 5, 8, 3 if options and mode == "lstm" else None, options, torch.float32, DEVICE)
+    got = run_recurrence(mode, args, kw, "triton")
+    a64, k64 = cast(args, kw, torch.float64)
+    want = run_recurrence(mode, a64, k64, "reference")
     for k, (x, y) in enumerate(zip(got, want)):
         assert_close(x, y.float(), kind="fwd" if k < 3 else "bwd", msg=f"output {k}")
 
@@ -104,10 +70,10 @@ def test_low_precision(dtype, mode):
     excess (the interpreter also rounds fp32 -> bf16 by truncation, unlike a GPU)."""
     worst_ours, worst_torch, refs = {}, {}, {}
     for seed in range(4):
-        args, kw = _args(mode, 4, 5, 8, dtype, seed=seed, options=False)
-        ours, same = _run(mode, args, kw, "triton"), _run(mode, args, kw, "torch")
-        a32, k32 = _cast(args, kw, torch.float32)
-        want = _run(mode, a32, k32, "reference")
+        args, kw = recurrence_args(mode, 4, 5, 8, None, False, dtype, DEVICE, seed=seed)
+        ours, same = run_recurrence(mode, args, kw, "triton"), run_recurrence(mode, args, kw, "torch")
+        a32, k32 = cast(args, kw, torch.float32)
+        want = run_recurrence(mode, a32, k32, "reference")
         for k, (o, s, w) in enumerate(zip(ours, same, want)):
             assert o.dtype == dtype, k
             worst_ours[k] = max(worst_ours.get(k, 0.0), (o.double() - w.double()).abs().max().item())
@@ -188,7 +154,7 @@ def test_kernel_build_failure_falls_back_to_torch_ops(monkeypatch):
     monkeypatch.setattr(rt, "_COMPILE_ERRORS", (FakeCompileError,))
     monkeypatch.setattr(rt, "_BROKEN", {})
     monkeypatch.setattr(rt, "_lstm_fwd_step", Unbuildable())
-    args, kw = _args("lstm", 3, 2, 4, torch.float64, options=False)
+    args, kw = recurrence_args("lstm", 3, 2, 4, None, False, torch.float64, DEVICE)
     with pytest.warns(RuntimeWarning, match="could not be built on this device"):
         got = rnn.lstm_recurrence(*args, **kw, backend="triton")
     want = rnn.lstm_recurrence(*args, **kw, backend="torch")

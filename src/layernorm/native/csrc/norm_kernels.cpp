@@ -195,22 +195,52 @@ void forward_row(const T* x, const T* r, T* z, T* y, int64_t n, const acc_t<T>* 
 
   // Pass 3: y = xhat * w + b, xhat = (h - mean) * rstd (rounded to T first: Llama's casting).
   // It runs from cache, so it also asks for the next row: memory keeps streaming while this one is
-  // finished, and that row's pass 1 finds it in cache (without this, wide rows reach ~0.8 of a copy).
+  // finished, and that row's pass 1 finds it in cache (without this, wide rows reached ~0.8 of a copy).
   const V vmean = simd::splat(mean), vrstd = simd::splat(rstd);
+  // The options are loop invariants; as compile-time constants they leave the loop (gcc did not
+  // unswitch it: five tests and branches per vector, most of the bfloat16 forward's time in cache).
+  const T* px = x_next != nullptr ? x_next : x;  // prefetching a line already in cache is harmless
+  const T* pr = r_next != nullptr ? r_next : px;
   int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    if (x_next != nullptr) {
-      __builtin_prefetch(x_next + j);
-      if (r_next != nullptr) __builtin_prefetch(r_next + j);
+  auto finish = [&](auto kW, auto kB, auto kRound, auto kStream) {
+    for (; j + L <= n; j += L) {
+      __builtin_prefetch(px + j);
+      __builtin_prefetch(pr + j);
+      V xh = (simd::load(h + j) - vmean) * vrstd;
+      if constexpr (decltype(kRound)::value) xh = simd::round_to<T>(xh);
+      if constexpr (decltype(kW)::value) xh = xh * simd::load(w + j);
+      if constexpr (decltype(kB)::value) xh = xh + simd::load(b + j);
+      if constexpr (decltype(kStream)::value) {
+        simd::store_stream(y + j, xh);
+      } else {
+        simd::store(y + j, xh);
+      }
     }
-    V xh = (simd::load(h + j) - vmean) * vrstd;
-    if (round_normalized) xh = simd::round_to<T>(xh);
-    if (w != nullptr) xh = xh * simd::load(w + j);
-    if (b != nullptr) xh = xh + simd::load(b + j);
-    if (stream) {
-      simd::store_stream(y + j, xh);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  const bool has_w = w != nullptr, has_b = b != nullptr;
+  if (has_w && has_b && !round_normalized) {  // LayerNorm
+    stream ? finish(Yes{}, Yes{}, No{}, Yes{}) : finish(Yes{}, Yes{}, No{}, No{});
+  } else if (has_w && !has_b) {  // RMSNorm, Llama's casting or not
+    if (round_normalized) {
+      stream ? finish(Yes{}, No{}, Yes{}, Yes{}) : finish(Yes{}, No{}, Yes{}, No{});
     } else {
-      simd::store(y + j, xh);
+      stream ? finish(Yes{}, No{}, No{}, Yes{}) : finish(Yes{}, No{}, No{}, No{});
+    }
+  } else {  // the rarer combinations: one generic loop
+    for (; j + L <= n; j += L) {
+      __builtin_prefetch(px + j);
+      __builtin_prefetch(pr + j);
+      V xh = (simd::load(h + j) - vmean) * vrstd;
+      if (round_normalized) xh = simd::round_to<T>(xh);
+      if (has_w) xh = xh * simd::load(w + j);
+      if (has_b) xh = xh + simd::load(b + j);
+      if (stream) {
+        simd::store_stream(y + j, xh);
+      } else {
+        simd::store(y + j, xh);
+      }
     }
   }
   for (; j < n; ++j) {
