@@ -2,12 +2,9 @@
 started by torch.multiprocessing and by torchrun, give the losses of one process on the whole batch.
 
 FSDP2 frees each unsharded parameter after use by resizing its storage to 0 ("reshard"). An op that
-makes a parameter's storage non-resizable breaks that; the cpu backend does (it hands tensors to numba
-through ``Tensor.numpy()``, which marks their storage non-resizable), so FSDP2 with the automatic
-backend fails in reshard with "Trying to resize storage that is not resizable" until the core is fixed:
-``test_ops_leave_storage_resizable`` shows it in three lines and the FSDP2 runs with ``auto`` are
-expected to fail exactly while that test does. With ``backend="torch"`` the rest of the pipeline
-(patch, fully_shard, reshard, optimizer) is shown to work today.
+makes a parameter's storage non-resizable breaks that (an earlier numba backend did, through
+``Tensor.numpy()``): ``test_ops_leave_storage_resizable`` checks every CPU backend in three lines, and the
+FSDP2 runs use the automatic backend as well as ``backend="torch"``.
 """
 from __future__ import annotations
 
