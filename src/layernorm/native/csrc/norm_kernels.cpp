@@ -197,20 +197,21 @@ void forward_row(const T* x, const T* r, T* z, T* y, int64_t n, const acc_t<T>* 
   // It runs from cache, so it also asks for the next row: memory keeps streaming while this one is
   // finished, and that row's pass 1 finds it in cache (without this, wide rows reached ~0.8 of a copy).
   const V vmean = simd::splat(mean), vrstd = simd::splat(rstd);
-  // The options are loop invariants; as compile-time constants they leave the loop (gcc did not
-  // unswitch it: five tests and branches per vector, most of the bfloat16 forward's time in cache).
+  // The options are loop invariants. Passed as std::true_type / std::false_type they are constants and
+  // leave the loop (gcc did not unswitch it: five tests and branches per vector, most of the bfloat16
+  // forward's time in cache); passed as bool they stay runtime branches, for the rarer combinations.
   const T* px = x_next != nullptr ? x_next : x;  // prefetching a line already in cache is harmless
   const T* pr = r_next != nullptr ? r_next : px;
   int64_t j = 0;
-  auto finish = [&](auto kW, auto kB, auto kRound, auto kStream) {
+  auto finish = [&](auto use_w, auto use_b, auto round, auto streaming) {
     for (; j + L <= n; j += L) {
       __builtin_prefetch(px + j);
       __builtin_prefetch(pr + j);
       V xh = (simd::load(h + j) - vmean) * vrstd;
-      if constexpr (decltype(kRound)::value) xh = simd::round_to<T>(xh);
-      if constexpr (decltype(kW)::value) xh = xh * simd::load(w + j);
-      if constexpr (decltype(kB)::value) xh = xh + simd::load(b + j);
-      if constexpr (decltype(kStream)::value) {
+      if (round) xh = simd::round_to<T>(xh);
+      if (use_w) xh = xh * simd::load(w + j);
+      if (use_b) xh = xh + simd::load(b + j);
+      if (streaming) {
         simd::store_stream(y + j, xh);
       } else {
         simd::store(y + j, xh);
@@ -228,20 +229,8 @@ void forward_row(const T* x, const T* r, T* z, T* y, int64_t n, const acc_t<T>* 
     } else {
       stream ? finish(Yes{}, No{}, No{}, Yes{}) : finish(Yes{}, No{}, No{}, No{});
     }
-  } else {  // the rarer combinations: one generic loop
-    for (; j + L <= n; j += L) {
-      __builtin_prefetch(px + j);
-      __builtin_prefetch(pr + j);
-      V xh = (simd::load(h + j) - vmean) * vrstd;
-      if (round_normalized) xh = simd::round_to<T>(xh);
-      if (has_w) xh = xh * simd::load(w + j);
-      if (has_b) xh = xh + simd::load(b + j);
-      if (stream) {
-        simd::store_stream(y + j, xh);
-      } else {
-        simd::store(y + j, xh);
-      }
-    }
+  } else {
+    finish(has_w, has_b, round_normalized, stream);
   }
   for (; j < n; ++j) {
     A xh = (h[j] - mean) * rstd;
