@@ -421,6 +421,22 @@ inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd)
 }
 #endif
 
+// dh_{t-1} for rows [r0, r1) and columns [c0, c1) of an N-wide state, in the backward of either cell:
+// direct + dA_t W_hh (a: the step's G-wide pre-activation gradients from row r0, w: W_hh of row stride N),
+// times the recurrent dropout mask where there is one (its product goes through the scratch sg first).
+template <typename T>
+void recurrent_dh(int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t G, int64_t N, const T* a, const T* w,
+                  const T* direct, const T* mask, T* sg, T* dh) {
+  if (mask == nullptr) {
+    for (int64_t b = r0; b < r1; ++b) std::memcpy(dh + b * N + c0, direct + b * N + c0, (c1 - c0) * sizeof(T));
+    thread_gemm<T>(r1 - r0, c1 - c0, G, a, G, w + c0, N, dh + r0 * N + c0, N, true);
+    return;
+  }
+  thread_gemm<T>(r1 - r0, c1 - c0, G, a, G, w + c0, N, sg + r0 * N + c0, N, false);
+  for (int64_t b = r0; b < r1; ++b)
+    for (int64_t k = c0; k < c1; ++k) dh[b * N + k] = direct[b * N + k] + sg[b * N + k] * mask[b * N + k];
+}
+
 template <typename T>
 void transpose_rows(const T* src, int64_t N, int64_t K, int64_t n0, int64_t n1, T* dst) {
   int64_t n = n0;
@@ -1011,15 +1027,7 @@ std::vector<Tensor> lstm_backward(const Tensor& xw, const OptTensor& lengths, co
 
     // dh_{t-1} = direct + (dhw_t W_hh) rho for a block of (rows, R columns)
     auto dh_gemm = [&](int64_t t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-      const T_* a = dhw_p + (t * B + r0) * G;
-      if (!rec) {
-        for (int64_t b = r0; b < r1; ++b) std::memcpy(dh_p + b * R + c0, dir_p + b * R + c0, (c1 - c0) * sizeof(T_));
-        thread_gemm<T_>(r1 - r0, c1 - c0, G, a, G, w_p + c0, R, dh_p + r0 * R + c0, R, true);
-        return;
-      }
-      thread_gemm<T_>(r1 - r0, c1 - c0, G, a, G, w_p + c0, R, sg_p + r0 * R + c0, R, false);
-      for (int64_t b = r0; b < r1; ++b)
-        for (int64_t k = c0; k < c1; ++k) dh_p[b * R + k] = dir_p[b * R + k] + sg_p[b * R + k] * rm_p[b * R + k];
+      recurrent_dh<T_>(r0, r1, c0, c1, G, R, dhw_p + (t * B + r0) * G, w_p, dir_p, rec ? rm_p : nullptr, sg_p, dh_p);
     };
 
     run_region(split, [&](int id, const Guard& guard) {
@@ -1344,15 +1352,7 @@ std::vector<Tensor> gru_backward(const Tensor& xw, const OptTensor& lengths, con
     };
 
     auto dh_gemm = [&](int64_t t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-      const T_* a = dhw_p + (t * B + r0) * G;
-      if (!rec) {
-        for (int64_t b = r0; b < r1; ++b) std::memcpy(dh_p + b * H + c0, dir_p + b * H + c0, (c1 - c0) * sizeof(T_));
-        thread_gemm<T_>(r1 - r0, c1 - c0, G, a, G, w_p + c0, H, dh_p + r0 * H + c0, H, true);
-        return;
-      }
-      thread_gemm<T_>(r1 - r0, c1 - c0, G, a, G, w_p + c0, H, sg_p + r0 * H + c0, H, false);
-      for (int64_t b = r0; b < r1; ++b)
-        for (int64_t k = c0; k < c1; ++k) dh_p[b * H + k] = dir_p[b * H + k] + sg_p[b * H + k] * rm_p[b * H + k];
+      recurrent_dh<T_>(r0, r1, c0, c1, G, H, dhw_p + (t * B + r0) * G, w_p, dir_p, rec ? rm_p : nullptr, sg_p, dh_p);
     };
 
     run_region(split, [&](int id, const Guard& guard) {
